@@ -1,0 +1,215 @@
+"""The ``cimlic`` command line; the only module that parses arguments."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cimlic import __version__
+from cimlic.config import ConfigError
+from cimlic.data.dataset import ImageFileError
+from cimlic.data.labels import LabelFileError, atomic_write_text, read_classes, read_label_list, write_label_list
+from cimlic.data.splits import SplitError
+
+logger = logging.getLogger("cimlic")
+
+USER_ERRORS = (LabelFileError, SplitError, ConfigError, ImageFileError, FileNotFoundError)
+
+
+# ------------------------------------------------------------------------------------------ split
+def cmd_split_longtail(args: argparse.Namespace) -> int:
+    from cimlic.data.prepare import split_stats
+    from cimlic.data.splits import build_longtail
+
+    classes = read_classes(args.classes)
+    pool = read_label_list(args.labels, classes)
+    rows = build_longtail(pool, n_max=args.n_max, n_min=args.n_min, shape=args.shape, seed=args.seed, clamp=args.clamp)
+    train = pool.subset(rows)
+    write_label_list(args.out, train, header=f"long-tailed split of {args.labels} (n_max={args.n_max}, seed={args.seed})")
+    stats = split_stats(train, train)
+    g = stats["groups"]
+    print(f"wrote {args.out}: {len(train)} images; n_c max {stats['max_count']} min {stats['min_count']}; "
+          f"head/medium/tail {g['head']}/{g['medium']}/{g['tail']}")  # fmt: skip
+    return 0
+
+
+def cmd_split_fewshot(args: argparse.Namespace) -> int:
+    from cimlic.data.splits import FEWSHOT_NOVEL, build_fewshot_episode, resolve_classes, split_base_novel
+
+    classes = read_classes(args.classes)
+    names = FEWSHOT_NOVEL[args.novel] if args.novel in FEWSHOT_NOVEL else [s.strip() for s in args.novel.split(",")]
+    novel = resolve_classes(names, classes, source=f"--novel {args.novel}")
+    out = Path(args.out)
+    for split, path in (("train", args.labels), ("test", args.test)):
+        if not path:
+            continue
+        labels = read_label_list(path, classes)
+        base, novel_rows = split_base_novel(labels, novel)
+        write_label_list(out / f"{split}_base.txt", labels.subset(base), header=f"{split}: base-only images of {path}")
+        write_label_list(out / f"{split}_novel.txt", labels.subset(novel_rows), header=f"{split}: novel-only images")
+        if split == "train":
+            pool = labels.subset(novel_rows)
+    for shots in args.shots:
+        for episode in range(1, args.episodes + 1):
+            rows = build_fewshot_episode(pool, novel, shots, seed=args.seed * 1000 + episode)
+            write_label_list(out / f"train_novel_{shots}shot_{episode}.txt", pool.subset(rows),
+                             header=f"{shots}-shot support set, episode {episode}, seed {args.seed}")  # fmt: skip
+    print(f"wrote base/novel lists and {len(args.shots) * args.episodes} episodes to {out}")
+    return 0
+
+
+def cmd_split_partial(args: argparse.Namespace) -> int:
+    from cimlic.data.splits import partial_labels
+
+    classes = read_classes(args.classes)
+    labels = read_label_list(args.labels, classes)
+    labels.targets = partial_labels(labels.targets, args.known, args.seed)
+    write_label_list(args.out, labels, header=f"partial labels of {args.labels}: known={args.known}, seed={args.seed}; "
+                     "third column = unknown classes")  # fmt: skip
+    print(f"wrote {args.out}: {len(labels)} images, {100 * labels.known_fraction():.1f}% of entries known")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- prepare
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from cimlic.data.prepare import group_table, prepare_coco_lt, prepare_voc_lt
+
+    if args.dataset == "voc-lt":
+        stats = prepare_voc_lt(args.voc2012, args.voc2007, args.out, args.split_file, args.n_max or 800, args.seed,
+                               args.difficult, not args.no_image_check)  # fmt: skip
+    else:
+        classes = read_classes(args.classes) if args.classes else None
+        stats = prepare_coco_lt(args.coco, args.out, args.split_file, classes, args.n_max or 1200, args.seed,
+                                not args.no_image_check)  # fmt: skip
+    print(f"wrote {args.out}: {group_table(stats)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cimlic.metrics import evaluate, format_table, read_scores
+
+    classes = read_classes(args.classes)
+    test = read_label_list(args.labels, classes)
+    train_counts = read_label_list(args.train_labels, classes).class_counts() if args.train_labels else None
+    scores = read_scores(args.scores, len(test), len(classes))
+    logits = args.scores_kind == "logits" or (args.scores_kind == "auto" and not ((scores >= 0) & (scores <= 1)).all())
+    if args.scores_kind == "probs" and not ((scores >= 0) & (scores <= 1)).all():
+        raise ConfigError(f"{args.scores}: --scores-kind probs but some scores are outside [0, 1]")
+    result = evaluate(scores, test.targets, classes, train_counts=train_counts, ap_variant=args.ap,
+                      threshold=args.threshold, scores_are_logits=logits)  # fmt: skip
+    print(f"{args.scores}: {len(test)} images x {len(classes)} classes, scores read as "
+          f"{'logits (sigmoid for thresholds)' if logits else 'probabilities'}, AP variant {args.ap}")  # fmt: skip
+    print(format_table(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cimlic.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cimlic", description="Class-imbalanced multi-label classification toolkit")
+    p.add_argument("--version", action="version", version=f"cimlic {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("split", help="build benchmark splits").add_subparsers(dest="kind", required=True)
+    lt = sp.add_parser("longtail", help="long-tailed subset of a pool (METHODS §1.2)")
+    lt.add_argument("--labels", required=True, help="pool label list, in pool order")
+    lt.add_argument("--classes", required=True)
+    lt.add_argument("--n-max", type=int, required=True, help="800 for VOC-LT, 1200 for COCO-LT")
+    lt.add_argument("--n-min", type=int, default=1)
+    lt.add_argument("--shape", type=float, default=6.0, help="Pareto shape b")
+    lt.add_argument("--clamp", action="store_true", help="clamp to available images (COCO-LT)")
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--out", required=True)
+    lt.set_defaults(func=cmd_split_longtail)
+
+    fs = sp.add_parser("fewshot", help="base/novel lists and K-shot episodes (METHODS §1.3)")
+    fs.add_argument("--labels", required=True, help="training label list")
+    fs.add_argument("--test", help="test label list to split into base/novel too")
+    fs.add_argument("--classes", required=True)
+    fs.add_argument("--novel", required=True, help="'voc', 'coco', or comma-separated class names")
+    fs.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    fs.add_argument("--episodes", type=int, default=10)
+    fs.add_argument("--seed", type=int, default=0)
+    fs.add_argument("--out", required=True, help="output folder")
+    fs.set_defaults(func=cmd_split_fewshot)
+
+    pa = sp.add_parser("partial", help="hide labels at random (METHODS §1.4)")
+    pa.add_argument("--labels", required=True)
+    pa.add_argument("--classes", required=True)
+    pa.add_argument("--known", type=float, required=True, help="known-label proportion p in (0, 1]")
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--out", required=True)
+    pa.set_defaults(func=cmd_split_partial)
+
+    pr = sub.add_parser("prepare", help="official dataset folders to label lists")
+    pr.add_argument("dataset", choices=["voc-lt", "coco-lt"])
+    pr.add_argument("--voc2012", help="VOCdevkit/VOC2012 (voc-lt)")
+    pr.add_argument("--voc2007", help="VOCdevkit/VOC2007 with test annotations (voc-lt)")
+    pr.add_argument("--coco", help="folder with annotations/, train2017/, val2017/ (coco-lt)")
+    pr.add_argument("--classes", help="class names for COCO categories in ascending id order")
+    pr.add_argument("--split-file", help="published id list to use instead of regenerating the split")
+    pr.add_argument("--n-max", type=int, default=0, help="default 800 (VOC) / 1200 (COCO)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--difficult", choices=["positive", "negative", "ignore"], default="positive")
+    pr.add_argument("--no-image-check", action="store_true", help="do not check that every image file exists")
+    pr.add_argument("--out", required=True)
+    pr.set_defaults(func=cmd_prepare)
+
+    ev = sub.add_parser("evaluate", help="evaluate a score matrix with the long-tailed protocol")
+    ev.add_argument("--scores", required=True, help="(N, C) .npy/.csv, rows in label-list order")
+    ev.add_argument("--labels", required=True, help="test label list")
+    ev.add_argument("--train-labels", help="training label list (for head/medium/tail groups)")
+    ev.add_argument("--classes", required=True)
+    ev.add_argument("--ap", default="sklearn", choices=["sklearn", "voc_all_point", "voc07_11pt"],
+                    help="AP variant: sklearn = non-interpolated (default)")  # fmt: skip
+    ev.add_argument("--threshold", type=float, default=0.5)
+    ev.add_argument("--scores-kind", choices=["auto", "logits", "probs"], default="auto",
+                    help="auto: probabilities if every score is in [0, 1], else logits")  # fmt: skip
+    ev.add_argument("--json", help="write the full result here")
+    ev.set_defaults(func=cmd_evaluate)
+
+    de = sub.add_parser("demo", help="a short end-to-end run on generated data")
+    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--quick", action="store_true")
+    de.add_argument("--seed", type=int, default=0)
+    de.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse ``argv``, run the command, turn user errors into one-line messages (exit 2)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from cimlic.metrics import ScoreFileError
+
+    try:
+        if args.command == "prepare":
+            need = ("voc2012", "voc2007") if args.dataset == "voc-lt" else ("coco",)
+            missing = [f"--{n}" for n in need if not getattr(args, n)]
+            if missing:
+                raise ConfigError(f"prepare {args.dataset} needs {' and '.join(missing)}")
+        return int(args.func(args) or 0)
+    except (*USER_ERRORS, ScoreFileError) as err:
+        print(f"cimlic: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,271 @@
+"""Experiment configuration: typed nested dataclasses, YAML files and ``--set a.b=v`` overrides.
+
+Two layers only: the dataclass defaults, then one YAML per experiment, then command-line overrides.
+Unknown keys are errors that list the valid keys; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid (the message says where and why)."""
+
+
+# ------------------------------------------------------------------------------------------- schema
+@dataclass
+class DataConfig:
+    name: str = "custom"  # dataset name used in reports (voc_lt, coco_lt, digits, custom)
+    classes: str = ""  # class-name file, one per line
+    train_labels: str = ""  # training label list (plain format)
+    test_labels: str = ""  # test label list
+    val_labels: str = ""  # optional validation list; empty = carve val_fraction from training
+    val_fraction: float = 0.1  # share of training images held out for model selection when val_labels is empty
+    image_root: str = ""  # folder the image paths are relative to
+    train_image_root: str = ""  # image folder of the training (and val) list; empty = image_root
+    test_image_root: str = ""  # image folder of the test list; empty = image_root
+    image_pattern: str = "{id}"  # image path under image_root from the id, e.g. "JPEGImages/{id}.jpg"
+    partial_mask: str = ""  # optional unknown-entry list (cimlic split partial output) applied to training
+    captions: str = ""  # optional captions file (id<TAB>caption), used by LMPT
+    image_size: int = 224  # square input size after transforms
+    head_threshold: int = 100  # classes with n_c >= this are head
+    tail_threshold: int = 20  # classes with n_c < this are tail
+
+
+@dataclass
+class FocalConfig:
+    gamma: float = 2.0  # focusing parameter
+    alpha: float = -1.0  # positive-class weight alpha_t; < 0 disables it
+
+
+@dataclass
+class ASLConfig:
+    gamma_neg: float = 4.0  # focusing of negatives
+    gamma_pos: float = 0.0  # focusing of positives
+    margin: float = 0.05  # probability margin m (clip) of negatives
+    eps: float = 1e-8  # log clamp
+    detach_focusing: bool = False  # treat the focusing weight as a constant (no gradient through it)
+    reduction: Literal["sum", "mean"] = "sum"  # sum as published
+
+
+@dataclass
+class CBConfig:
+    beta: float = 0.9  # class-balanced weight (1-beta)/(1-beta^n_c)
+    base: Literal["bce", "focal"] = "bce"  # loss the weight multiplies
+    gamma: float = 2.0  # focal gamma when base = focal
+
+
+@dataclass
+class DBConfig:
+    alpha: float = 0.1  # re-balanced weight floor
+    beta: float = 10.0  # re-balanced weight slope
+    mu: float = 0.3  # re-balanced weight centre (0.3 VOC, 0.2 COCO)
+    kappa: float = 0.05  # negative-tolerant bias scale
+    lam: float = 5.0  # negative-tolerant lambda (5 VOC, 2 COCO)
+    bias_convention: Literal["paper", "released"] = "paper"  # z + kappa*b (paper) or z + kappa*b/lambda
+    focal: bool = True  # multiply by 2(1-p_t)^2 computed per element
+    reweight: bool = True  # use the re-balanced weight w (False: w = 1)
+    neg_tolerant: bool = True  # use the class-specific bias and the lambda-scaled negative term
+
+
+@dataclass
+class GradBalanceConfig:
+    base: Literal["bce", "focal"] = "bce"  # element-wise loss being re-weighted
+    gamma: float = 12.0  # slope of the sigmoid mapping of g_c
+    mu: float = 0.8  # centre of the sigmoid mapping
+    alpha: float = 4.0  # positive up-weighting strength
+    focal_gamma: float = 2.0  # focal gamma when base = focal
+
+
+@dataclass
+class CSEConfig:
+    gamma: float = 2.0  # class re-weighting exponent n_c^-gamma
+    margin_scale: float = 0.2  # class-aware margin m_c = margin_scale / n_c^(1/4)
+    lam: float = 0.5  # total = lam * L_DB + (1 - lam) * L_CSE
+
+
+@dataclass
+class LossConfig:
+    name: str = "bce"  # one of cimlic.losses.list_losses()
+    partial: bool = True  # ignore entries labelled -1 and normalise over known entries
+    focal: FocalConfig = field(default_factory=FocalConfig)
+    asl: ASLConfig = field(default_factory=ASLConfig)
+    cb: CBConfig = field(default_factory=CBConfig)
+    db: DBConfig = field(default_factory=DBConfig)
+    grad_balance: GradBalanceConfig = field(default_factory=GradBalanceConfig)
+    cse: CSEConfig = field(default_factory=CSEConfig)
+
+
+@dataclass
+class SamplerConfig:
+    name: Literal["random", "class_aware", "group"] = "random"  # training sampler
+    per_class: int = 3  # class-aware: images drawn per visited class
+    num_groups: int = 0  # group sampler: 0 = head/medium/tail groups, G > 0 = G quantile groups
+    num_samples: int = 0  # draws per epoch; 0 = the sampler's default length
+
+
+@dataclass
+class EvalConfig:
+    ap: Literal["sklearn", "voc_all_point", "voc07_11pt"] = "sklearn"  # AP variant (sklearn = non-interpolated)
+    threshold: float = 0.5  # probability threshold for CP/CR/CF1/OP/OR/OF1
+    cf1: Literal["harmonic", "mean"] = "harmonic"  # CF1 = 2 CP CR/(CP+CR), or mean of per-class F1
+    top_k: int = 0  # also report top-k threshold metrics when > 0
+    select_on: Literal["val", "test"] = "val"  # model selection split; "test" only as a labelled option
+
+
+@dataclass
+class Config:
+    name: str = "experiment"  # run name
+    seed: int = 0  # global seed
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ------------------------------------------------------------------------------------- machinery
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Coerce/check ``value`` against the annotation ``tp``; raise ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_value(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {sorted(types_)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp, path = types_[key], f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value if value is not None else {}, path)
+        else:
+            kwargs[key] = _check_value(value, tp, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Nested plain dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(cfg: Any, item: str) -> None:
+    """Apply one ``a.b=value`` override in place; ``value`` is parsed as YAML and type-checked."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. loss.name=asl")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    target, where = cfg, ""
+    for i, part in enumerate(parts):
+        types_ = _field_types(type(target))
+        if part not in types_:
+            raise ConfigError(f"override {key!r}: unknown key {part!r} in {where or 'config'}; valid keys: {sorted(types_)}")
+        where = f"{where}.{part}" if where else part
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(types_[part]):
+                raise ConfigError(f"override {key!r}: {where} is a section; set one of its keys")
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError as err:
+                raise ConfigError(f"override {key!r}: cannot parse value {raw!r} ({err})") from None
+            if types_[part] is str and value is not None and not isinstance(value, str):
+                value = raw  # "--set name=123" keeps the string
+            setattr(target, part, _check_value(value, types_[part], where))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise ConfigError(f"override {key!r}: {where} is not a section")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = None) -> Any:
+    """Defaults, then the YAML file (if any), then ``a.b=v`` overrides, in that order."""
+    cls = cls or Config
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: malformed YAML ({err})") from None
+        try:
+            cfg = from_dict(cls, data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    else:
+        cfg = cls()
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: temp file + rename)."""
+    from cimlic.data.labels import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

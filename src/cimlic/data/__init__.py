@@ -1,0 +1,1 @@
+"""Data: label sets, file formats, splits, datasets and samplers."""

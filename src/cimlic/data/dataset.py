@@ -1,0 +1,86 @@
+"""A torch Dataset over a LabelSet: image decoding with clear errors, transforms, the item contract."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from cimlic.data.labels import LabelSet
+
+logger = logging.getLogger(__name__)
+
+# CLIP's image normalisation (OpenAI), the default of every CLIP-based model here.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageFileError(OSError):
+    """An image file is missing or cannot be decoded (the message names the file)."""
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an RGB image, or raise ``ImageFileError`` naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces a full decode, so truncated files fail here
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageFileError(f"{path}: cannot decode image ({err})") from None
+
+
+def default_transform(size: int, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize to ``size``×``size`` (random crop + flip when ``train``), to float, CLIP normalisation."""
+    steps: list = [v2.PILToTensor()]
+    if train:
+        steps += [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    else:
+        steps += [v2.Resize((size, size), antialias=True)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
+    return v2.Compose(steps)
+
+
+class MultiLabelDataset(Dataset):
+    """Items ``{"image": (3, H, W) float, "target": (C,) float in {1, 0, −1}, "index": int}``.
+
+    Args:
+        labels: the label set (ids and targets).
+        image_root: folder the image paths are relative to.
+        image_pattern: path of an image under ``image_root`` from its id, e.g. ``"JPEGImages/{id}.jpg"``.
+        transform: PIL image → tensor.
+    """
+
+    def __init__(
+        self,
+        labels: LabelSet,
+        image_root: str | os.PathLike,
+        image_pattern: str = "{id}",
+        transform: Callable[[Image.Image], torch.Tensor] | None = None,
+    ) -> None:
+        self.labels = labels
+        self.image_root = Path(image_root)
+        self.image_pattern = image_pattern
+        self.transform = transform or default_transform(224)
+        self.targets = torch.from_numpy(labels.targets.astype("float32"))  # (N, C)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image_path(self, index: int) -> Path:
+        return self.image_root / self.image_pattern.format(id=self.labels.ids[index])
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.transform(load_image(self.image_path(index)))
+        return {"image": image, "target": self.targets[index], "index": index}
+
+    def missing_images(self) -> list[Path]:
+        """Paths of the images that do not exist (checked up front so a run fails before training)."""
+        return [p for p in map(self.image_path, range(len(self))) if not p.is_file()]

@@ -1,0 +1,71 @@
+"""Config: YAML loading, type-checked overrides, unknown keys, saving."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from cimlic.config import Config, ConfigError, apply_override, load_config, save_config, to_dict
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: voc\nloss:\n  name: db\n  db:\n    mu: 0.2\n    lam: 2\nsampler:\n  name: class_aware\n")
+    cfg = load_config(path, ["loss.db.kappa=0.1", "seed=3", "eval.ap=voc07_11pt", "data.classes=x.txt"])
+    assert cfg.name == "voc" and cfg.loss.name == "db" and cfg.sampler.name == "class_aware"
+    assert cfg.loss.db.mu == 0.2 and cfg.loss.db.lam == 2.0 and isinstance(cfg.loss.db.lam, float)
+    assert cfg.loss.db.kappa == 0.1 and cfg.seed == 3 and cfg.eval.ap == "voc07_11pt"
+    assert cfg.loss.asl.gamma_neg == 4.0  # untouched default
+    apply_override(cfg, "name=2024")  # a string field keeps numeric-looking text as text
+    assert cfg.name == "2024"
+    apply_override(cfg, "loss.asl.detach_focusing=true")
+    assert cfg.loss.asl.detach_focusing is True
+
+
+def test_save_round_trip(tmp_path):
+    cfg = load_config(None, ["loss.name=asl", "loss.asl.margin=0.1"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.asl.gamma_neg=abc", r"loss.asl.gamma_neg: expected a number, got 'abc'"),
+        ("seed=1.5", r"seed: expected an integer"),
+        ("loss.asl.detach_focusing=maybe", r"expected true/false"),
+        ("eval.ap=voc12", r"eval.ap: 'voc12' is not one of \['sklearn', 'voc_all_point', 'voc07_11pt'\]"),
+        ("loss.nam=asl", r"unknown key 'nam' in loss; valid keys: \['asl', 'cb'"),
+        ("loss=asl", r"loss is a section"),
+        ("loss.name", r"expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_override(Config(), override)
+
+
+def test_bad_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("loss:\n  nme: bce\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: loss: unknown key\(s\) \['nme'\]; valid keys"):
+        load_config(path)
+    path.write_text("loss: [1, 2\n")
+    with pytest.raises(ConfigError, match="c.yaml: malformed YAML"):
+        load_config(path)
+    path.write_text("sampler:\n  per_class: three\n")
+    with pytest.raises(ConfigError, match="sampler.per_class: expected an integer"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="missing.yaml: config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert yaml.safe_load(path.read_text())  # not empty
+    assert cfg.data.classes and cfg.data.train_labels
