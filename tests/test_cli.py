@@ -25,7 +25,9 @@ def test_split_longtail_reproduces_published_voc_lt(voc, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1142 images" in printed and "max 775 min 4" in printed and "head/medium/tail 6/6/8" in printed
     classes = read_classes(voc / "classes.txt")
-    np.testing.assert_array_equal(read_label_list(out, classes).targets, read_label_list(voc / "train.txt", classes).targets)
+    np.testing.assert_array_equal(
+        read_label_list(out, classes).targets, read_label_list(voc / "train.txt", classes).targets
+    )
 
 
 def test_split_longtail_n_max_too_large(voc, tmp_path, capsys):
@@ -62,7 +64,9 @@ def test_split_fewshot(shared_data, tmp_path):
     assert main(argv) == 0
     classes = read_classes(root / "classes.txt")
     assert read_label_list(out / "train_base.txt", classes).ids == read_label_list(root / "train_base.txt", classes).ids
-    assert read_label_list(out / "train_novel.txt", classes).ids == read_label_list(root / "train_novel.txt", classes).ids
+    assert (
+        read_label_list(out / "train_novel.txt", classes).ids == read_label_list(root / "train_novel.txt", classes).ids
+    )
     novel_idx = [classes.index(n) for n in ("cat", "dog", "pottedplant", "sheep", "sofa", "tvmonitor")]
     for k in (1, 5):
         for e in (1, 2, 3):
@@ -78,8 +82,9 @@ def test_evaluate_command(voc, tmp_path, capsys):
     rng = np.random.default_rng(0)
     scores = rng.normal(size=test.targets.shape) + 1.5 * test.targets  # informative logits
     np.save(tmp_path / "s.npy", scores)
-    argv = ["evaluate", "--scores", str(tmp_path / "s.npy"), "--labels", str(voc / "test.txt"), "--train-labels",
-            str(voc / "train.txt"), "--classes", str(voc / "classes.txt"), "--json", str(tmp_path / "r.json")]  # fmt: skip
+    argv = ["evaluate", "--scores", str(tmp_path / "s.npy"), "--labels", str(voc / "test.txt"),
+            "--train-labels", str(voc / "train.txt"), "--classes", str(voc / "classes.txt"),
+            "--json", str(tmp_path / "r.json")]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "head" in out and "tail" in out and "logits" in out

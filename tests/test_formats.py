@@ -27,7 +27,8 @@ def _voc_xml(objects: list[tuple[str, int]]) -> str:
         "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>10</xmax><ymax>10</ymax></bndbox></object>"
         for n, d in objects
     )
-    return f"<annotation><folder>VOC</folder><size><width>40</width><height>30</height><depth>3</depth></size>{objs}</annotation>"
+    size = "<size><width>40</width><height>30</height><depth>3</depth></size>"
+    return f"<annotation><folder>VOC</folder>{size}{objs}</annotation>"
 
 
 def make_voc(root: Path, year: str, image_set: str, annotations: dict[str, list[tuple[str, int]]]) -> Path:
@@ -143,7 +144,13 @@ def make_coco(root: Path, split: str, images: list[tuple[int, int, int]], anns: 
 
 def test_read_coco_rules(tmp_path):
     images = [(5, 40, 40), (2, 40, 40), (9, 40, 20)]
-    anns = [(5, 18, [0, 0, 5, 5]), (5, 1, [0, 0, 0.5, 5]), (2, 3, [0, 0, 2, 2]), (2, 1, [0, 0, 3, 0]), (9, 1, [1, 1, 3, 3])]
+    anns = [
+        (5, 18, [0, 0, 5, 5]),
+        (5, 1, [0, 0, 0.5, 5]),
+        (2, 3, [0, 0, 2, 2]),
+        (2, 1, [0, 0, 3, 0]),
+        (9, 1, [1, 1, 3, 3]),
+    ]
     path = make_coco(tmp_path, "val2017", images, anns)
     labels, files = read_coco(path)
     assert labels.classnames == ["person", "car", "dog"]  # ascending category id
@@ -178,14 +185,19 @@ def test_prepare_coco_lt(tmp_path):
     ids_file = tmp_path / "ids.txt"
     ids_file.write_text("\n".join(str(int(i)) for i in train.ids[:5]) + "\n")  # integer ids as published
     out2 = tmp_path / "out2"
-    assert main(["prepare", "coco-lt", "--coco", str(tmp_path / "coco"), "--split-file", str(ids_file), "--out", str(out2)]) == 0
+    assert (
+        main(
+            ["prepare", "coco-lt", "--coco", str(tmp_path / "coco"), "--split-file", str(ids_file), "--out", str(out2)]
+        )
+        == 0
+    )
     assert read_label_list(out2 / "train.txt", train.classnames).ids == train.ids[:5]
 
 
 def test_csv_and_plain_formats(tmp_path):
     classes = ["cat", "dog", "traffic light"]
     csv = tmp_path / "l.csv"
-    csv.write_text("path,labels\nimgs/a.jpg,cat;traffic light\nimgs/b.jpg,\n\"imgs/c,1.jpg\",dog\n")
+    csv.write_text('path,labels\nimgs/a.jpg,cat;traffic light\nimgs/b.jpg,\n"imgs/c,1.jpg",dog\n')
     labels = read_csv_labels(csv, classes)
     assert labels.ids == ["imgs/a.jpg", "imgs/b.jpg", "imgs/c,1.jpg"]
     np.testing.assert_array_equal(labels.targets, [[1, 0, 1], [0, 0, 0], [0, 1, 0]])

@@ -29,7 +29,9 @@ def cmd_split_longtail(args: argparse.Namespace) -> int:
     pool = read_label_list(args.labels, classes)
     rows = build_longtail(pool, n_max=args.n_max, n_min=args.n_min, shape=args.shape, seed=args.seed, clamp=args.clamp)
     train = pool.subset(rows)
-    write_label_list(args.out, train, header=f"long-tailed split of {args.labels} (n_max={args.n_max}, seed={args.seed})")
+    write_label_list(
+        args.out, train, header=f"long-tailed split of {args.labels} (n_max={args.n_max}, seed={args.seed})"
+    )
     stats = split_stats(train, train)
     g = stats["groups"]
     print(f"wrote {args.out}: {len(train)} images; n_c max {stats['max_count']} min {stats['min_count']}; "
@@ -195,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the command, turn user errors into one-line messages (exit 2)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from cimlic.metrics import ScoreFileError
 
     try:
@@ -212,4 +216,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

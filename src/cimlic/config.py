@@ -223,7 +223,9 @@ def apply_override(cfg: Any, item: str) -> None:
     for i, part in enumerate(parts):
         types_ = _field_types(type(target))
         if part not in types_:
-            raise ConfigError(f"override {key!r}: unknown key {part!r} in {where or 'config'}; valid keys: {sorted(types_)}")
+            raise ConfigError(
+                f"override {key!r}: unknown key {part!r} in {where or 'config'}; valid keys: {sorted(types_)}"
+            )
         where = f"{where}.{part}" if where else part
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(types_[part]):

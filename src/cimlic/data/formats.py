@@ -35,7 +35,9 @@ def find_voc_year_dir(path: str | os.PathLike, year: str) -> Path:
     for cand in (path, path / f"VOC{year}", path / "VOCdevkit" / f"VOC{year}"):
         if (cand / "Annotations").is_dir():
             return cand
-    raise LabelFileError(f"{path}: not a VOC{year} folder (no Annotations/ in it, in VOC{year}/ or VOCdevkit/VOC{year}/)")
+    raise LabelFileError(
+        f"{path}: not a VOC{year} folder (no Annotations/ in it, in VOC{year}/ or VOCdevkit/VOC{year}/)"
+    )
 
 
 def parse_voc_xml(path: Path) -> list[tuple[str, bool]]:

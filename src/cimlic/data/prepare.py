@@ -15,7 +15,14 @@ from pathlib import Path
 import yaml
 
 from cimlic.data.formats import VOC_CLASSES, Difficult, find_voc_year_dir, read_coco, read_voc
-from cimlic.data.labels import LabelFileError, LabelSet, atomic_write_text, read_id_list, write_classes, write_label_list
+from cimlic.data.labels import (
+    LabelFileError,
+    LabelSet,
+    atomic_write_text,
+    read_id_list,
+    write_classes,
+    write_label_list,
+)
 from cimlic.data.splits import build_longtail
 
 logger = logging.getLogger(__name__)
@@ -167,4 +174,3 @@ def group_table(stats: dict) -> str:
         f"n_c max {stats['max_count']} ({stats['max_class']}) min {stats['min_count']} ({stats['min_class']}); "
         f"head/medium/tail {g['head']}/{g['medium']}/{g['tail']}"
     )
-

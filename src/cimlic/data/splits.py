@@ -146,7 +146,10 @@ def split_base_novel(labels: LabelSet, novel: Sequence[int]) -> tuple[list[int],
     base = np.flatnonzero(has_base & ~has_novel).tolist()
     novel_rows = np.flatnonzero(has_novel & ~has_base).tolist()
     logger.info(
-        "base/novel: %d base-only, %d novel-only, %d dropped", len(base), len(novel_rows), len(labels) - len(base) - len(novel_rows)
+        "base/novel: %d base-only, %d novel-only, %d dropped",
+        len(base),
+        len(novel_rows),
+        len(labels) - len(base) - len(novel_rows),
     )
     return base, novel_rows
 
