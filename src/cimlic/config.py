@@ -126,10 +126,54 @@ class EvalConfig:
 
 
 @dataclass
+class ModelConfig:
+    name: str = "zeroshot"  # one of cimlic.models.list_models()
+    clip_arch: str = "RN50"  # open_clip architecture (OpenAI checkpoints load as "<arch>-quickgelu")
+    clip_checkpoint: str = ""  # OpenAI .pt (TorchScript or state dict) or open_clip .bin/.safetensors file
+    clip_pretrained: str = ""  # open_clip pretrained tag (needs the network; empty = none)
+    random_init: bool = False  # allow a randomly initialised CLIP when no checkpoint is given (tests, Digits)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # zero-shot prompt templates
+    n_ctx: int = 16  # CoOp-family: number of learnable context vectors
+    ctx_init: str = ""  # initialise the context from these words (e.g. "a photo of a"); empty = N(0, 0.02)
+    csc: bool = False  # class-specific contexts (True) or one shared context (False)
+    n_ctx_neg: int = 16  # DualCoOp: context length of the negative prompts
+    tau_s: float = 20.0  # DualCoOp: spatial softmax temperature
+    tau: float = 5.0  # DualCoOp: logit scale of the aggregated region scores
+    learn_temps: bool = False  # DualCoOp: learn tau_s and tau
+    dropout: float = 0.0  # linear probe: dropout on the image feature
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10  # training epochs
+    max_steps: int = 0  # stop after this many optimiser steps in total (0 = run all epochs)
+    batch_size: int = 32  # per process
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # optimiser
+    lr: float = 2e-3  # peak learning rate
+    weight_decay: float = 1e-4  # decoupled weight decay (AdamW) / L2 (SGD)
+    momentum: float = 0.9  # SGD momentum
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"  # learning-rate shape over the steps
+    warmup_steps: int = 0  # linear warm-up steps (cosine / constant)
+    onecycle_pct: float = 0.2  # one-cycle: share of steps spent rising
+    grad_clip: float = 0.0  # clip the gradient norm to this (0 = off)
+    ema: float = 0.0  # EMA decay of the trainable weights (0 = off; 0.998 in HP-DVAL/CPRFL code)
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    num_workers: int = 2  # DataLoader workers
+    eval_every: int = 1  # evaluate on the validation split every N epochs
+    log_every: int = 10  # write a metrics.jsonl line every N steps
+    cache_features: bool = True  # frozen image towers: read image features from the on-disk cache
+    cache_dir: str = ".cimlic_cache"  # where cached image features live (reused across runs)
+    augment: bool = False  # random-resized-crop + flip on training images (disables the feature cache)
+
+
+@dataclass
 class Config:
     name: str = "experiment"  # run name
     seed: int = 0  # global seed
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -180,6 +224,11 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
