@@ -113,6 +113,58 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ train / eval
+def cmd_train(args: argparse.Namespace) -> int:
+    from cimlic.config import load_config
+    from cimlic.metrics import format_table
+    from cimlic.runner import train_run
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    result = train_run(cfg, run_dir, resume=args.resume)
+    if _rank() == 0:
+        print(format_table(result))
+        print(f"run folder: {run_dir} (eval.json, config.yaml, metrics.jsonl, best/last checkpoints)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from cimlic.metrics import format_table
+    from cimlic.runner import eval_run
+
+    result = eval_run(args.run, args.split, args.ap)
+    print(format_table(result))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cimlic.predict import predict_run
+
+    summary = predict_run(args.run, args.inputs, args.out, args.threshold, args.thresholds)
+    print(f"wrote {summary['out']}: {summary['scored']} image(s) scored, {len(summary['failed'])} unreadable")
+    for item in summary["failed"]:
+        print(f"  skipped {item['error']}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cimlic.bench import bench_cache
+    from cimlic.config import load_config
+
+    result = bench_cache(load_config(args.config, args.set), max_images=args.max_images)
+    print(json.dumps(result))
+    print(f"{result['model']} on {result['clip_arch']}, {result['images']} images, batch {result['batch_size']}: "
+          f"uncached epoch {result['uncached_s']} s ({result['uncached_s_per_step']} s/step), cache build "
+          f"{result['cache_build_s']} s, cached epoch {result['cached_s']} s -> ratio {result['ratio']}x")  # fmt: skip
+    return 0
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 # ------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
     from cimlic.demo import run_demo
@@ -186,6 +238,34 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the full result here")
     ev.set_defaults(func=cmd_evaluate)
 
+    tr = sub.add_parser("train", help="train and test a model from a config (torchrun for several GPUs)")
+    tr.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    tr.add_argument("--run-dir", help="run folder (default runs/<name>)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
+    tr.set_defaults(func=cmd_train)
+
+    el = sub.add_parser("eval", help="evaluate a run's selected checkpoint")
+    el.add_argument("--run", required=True, help="run folder")
+    el.add_argument("--split", default="test", choices=["train", "val", "test"])
+    el.add_argument("--ap", choices=["sklearn", "voc_all_point", "voc07_11pt"], help="AP variant (default: the run's)")
+    el.set_defaults(func=cmd_eval)
+
+    pd = sub.add_parser("predict", help="labels with scores for new images")
+    pd.add_argument("--run", required=True, help="run folder")
+    pd.add_argument("inputs", nargs="+", help="image files or folders")
+    pd.add_argument("--threshold", type=float, default=0.5, help="probability threshold for every class")
+    pd.add_argument("--thresholds", help="JSON {class name: threshold} (overrides --threshold per class)")
+    pd.add_argument("--out", required=True, help="predictions .jsonl or .csv")
+    pd.set_defaults(func=cmd_predict)
+
+    be = sub.add_parser("bench", help="measurements").add_subparsers(dest="what", required=True)
+    bc = be.add_parser("cache", help="one epoch with the image tower recomputed vs cached")
+    bc.add_argument("--config", required=True)
+    bc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bc.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
+    bc.set_defaults(func=cmd_bench)
+
     de = sub.add_parser("demo", help="a short end-to-end run on generated data")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--quick", action="store_true")
@@ -197,10 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse ``argv``, run the command, turn user errors into one-line messages (exit 2)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cimlic").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from cimlic.checkpoint import CheckpointError, RunDirError
     from cimlic.metrics import ScoreFileError
+    from cimlic.models.clip import ClipError
 
     try:
         if args.command == "prepare":
@@ -209,9 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 raise ConfigError(f"prepare {args.dataset} needs {' and '.join(missing)}")
         return int(args.func(args) or 0)
-    except (*USER_ERRORS, ScoreFileError) as err:
+    except (*USER_ERRORS, ScoreFileError, CheckpointError, RunDirError, ClipError, ValueError) as err:
+        if args.verbose:
+            raise
         print(f"cimlic: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _close_distributed()
+
+
+def _close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # without it gloo can abort at exit while a peer is still sending
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

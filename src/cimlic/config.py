@@ -6,6 +6,7 @@ Unknown keys are errors that list the valid keys; values are checked against the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -131,6 +132,7 @@ class ModelConfig:
     clip_arch: str = "RN50"  # open_clip architecture (OpenAI checkpoints load as "<arch>-quickgelu")
     clip_checkpoint: str = ""  # OpenAI .pt (TorchScript or state dict) or open_clip .bin/.safetensors file
     clip_pretrained: str = ""  # open_clip pretrained tag (needs the network; empty = none)
+    clip_allow_torchscript: bool = False  # open TorchScript archives (OpenAI's .pt files run code: trusted files only)
     random_init: bool = False  # allow a randomly initialised CLIP when no checkpoint is given (tests, Digits)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # zero-shot prompt templates
     n_ctx: int = 16  # CoOp-family: number of learnable context vectors
@@ -141,6 +143,7 @@ class ModelConfig:
     tau: float = 5.0  # DualCoOp: logit scale of the aggregated region scores
     learn_temps: bool = False  # DualCoOp: learn tau_s and tau
     dropout: float = 0.0  # linear probe: dropout on the image feature
+    probe_normalize: bool = True  # linear probe: L2-normalise the image feature first
 
 
 @dataclass
@@ -225,10 +228,8 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -37,14 +37,19 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageFileError(f"{path}: cannot decode image ({err})") from None
 
 
-def default_transform(size: int, train: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize to ``size``×``size`` (random crop + flip when ``train``), to float, CLIP normalisation."""
+def default_transform(
+    size: int,
+    train: bool = False,
+    mean: tuple[float, float, float] = CLIP_MEAN,
+    std: tuple[float, float, float] = CLIP_STD,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize to ``size``×``size`` (random crop + flip when ``train``), to float, normalise (CLIP's by default)."""
     steps: list = [v2.PILToTensor()]
     if train:
         steps += [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
     else:
         steps += [v2.Resize((size, size), antialias=True)]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CLIP_MEAN, CLIP_STD)]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 
 

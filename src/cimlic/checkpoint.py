@@ -1,0 +1,450 @@
+"""Checkpoints, resume state and run-folder I/O.
+
+A checkpoint ``<stem>`` is two files: ``<stem>.safetensors`` holds the trainable tensors (parameters with
+``requires_grad=True`` and persistent buffers whose names do not start with ``clip.``; never CLIP's frozen
+weights) and ``<stem>.json`` holds the metadata (config, class names, counts, versions, metrics, the tensor
+names and the SHA-256 of the tensor file, so that a pair torn by a crash between the two renames is detected).
+Every write goes to a temporary file in the target's folder, is flushed to disk and renamed over the target
+(``os.replace``), so a reader sees the old file or the new one, never half of one.
+
+The resume state (``state.pt``) is a plain dict of tensors, numbers, strings, lists and dicts written with
+``torch.save`` and read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors import SafetensorError
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "cimlic-checkpoint-1"
+FROZEN_PREFIX = "clip."  # frozen CLIP lives under the model attribute ``clip``
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or state file is missing, corrupt or does not fit the model (one-line message)."""
+
+
+class RunDirError(ValueError):
+    """A run folder cannot be used as asked (it would overwrite a run, or there is nothing to resume)."""
+
+
+# ---------------------------------------------------------------------------------------- tensors
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (the model itself otherwise)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """Live trainable tensors by state-dict name: parameters with requires_grad, persistent non-``clip.`` buffers."""
+    out = {}
+    for name, t in unwrap(model).state_dict(keep_vars=True).items():
+        if not isinstance(t, Tensor):
+            continue  # extra state
+        keep = t.requires_grad if isinstance(t, nn.Parameter) else not name.startswith(FROZEN_PREFIX)
+        if keep:
+            out[name] = t
+    return out
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    """Detached CPU copies of ``trainable_tensors(model)`` (what a checkpoint stores)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in trainable_tensors(model).items()}
+
+
+def load_trainable_state(model: nn.Module, tensors: dict[str, Tensor], strict: bool = True, source: str = "") -> None:
+    """Copy ``tensors`` into the model's trainable tensors (in place, on the model's device).
+
+    Raises:
+        CheckpointError: missing or unexpected names (``strict``), or a shape mismatch (always).
+    """
+    live = trainable_tensors(model)
+    missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+    if strict and (missing or unexpected):
+        what = [f"{name} keys {keys[:5]}" for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(f"{source}: {', '.join(what)}")
+    common = [k for k in live if k in tensors]
+    bad = [
+        f"{k} {tuple(tensors[k].shape)} vs model {tuple(live[k].shape)}"
+        for k in common
+        if tensors[k].shape != live[k].shape
+    ]
+    if bad:
+        raise CheckpointError(f"{source}: shape mismatch {bad[:3]}")
+    with torch.no_grad():
+        for k in common:
+            live[k].copy_(tensors[k])
+
+
+# ------------------------------------------------------------------------------------- atomic I/O
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to a flushed temporary file beside ``path``; return its name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_write_files(items: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
+    """Write every (path, bytes) pair: all temporary files first, then the renames (none if a write fails)."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data in items:
+            temps.append((_temp_file(Path(path), data), Path(path)))
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)  # only left-overs of a failed write still exist
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, Tensor | np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Indented UTF-8 JSON of ``obj`` (numpy values and tensors become numbers and lists)."""
+    return (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode("utf-8")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically."""
+    atomic_write_files([(path, json_bytes(obj))])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str | None]:
+    """Versions of cimlic, torch, open_clip (None when not installed), safetensors and numpy."""
+    import cimlic
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "cimlic": cimlic.__version__,
+        "torch": torch.__version__,
+        "open_clip": version("open_clip_torch"),
+        "safetensors": version("safetensors"),
+        "numpy": np.__version__,
+    }
+
+
+def _paths(path_stem: str | os.PathLike) -> tuple[Path, Path]:
+    stem = Path(path_stem)
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def save_checkpoint(path_stem: str | os.PathLike, model: nn.Module, meta: dict) -> dict:
+    """Save the model's trainable tensors to ``<stem>.safetensors`` and ``meta`` to ``<stem>.json`` (atomically).
+
+    Args:
+        path_stem: file name without suffix, e.g. ``runs/x/best``.
+        model: the model (a DDP wrapper is unwrapped).
+        meta: JSON-able metadata (resolved config, class names, training counts, metrics, step, epoch, ...).
+
+    Returns:
+        The sidecar dict written: ``meta`` plus ``format``, ``versions``, ``tensors`` (names) and ``sha256``.
+    """
+    tensors = trainable_state(model)
+    blob = safetensors.torch.save(tensors, metadata={"format": FORMAT})
+    sidecar = {
+        **meta,
+        "format": FORMAT,
+        "versions": dict(package_versions()),
+        "tensors": sorted(tensors),
+        "sha256": hashlib.sha256(blob).hexdigest(),
+    }
+    tensor_path, json_path = _paths(path_stem)
+    atomic_write_files([(tensor_path, blob), (json_path, json_bytes(sidecar))])
+    return sidecar
+
+
+def read_checkpoint(path_stem: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """(tensors on the CPU, sidecar meta) of a checkpoint; CheckpointError when missing, corrupt or torn."""
+    tensor_path, json_path = _paths(path_stem)
+    for p in (tensor_path, json_path):
+        if not p.is_file():
+            raise CheckpointError(f"{p}: checkpoint file not found")
+    try:
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{json_path}: unreadable checkpoint metadata ({err})") from None
+    blob = tensor_path.read_bytes()
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path}: not a cimlic checkpoint sidecar (format {FORMAT!r} expected)")
+    if meta.get("sha256") != hashlib.sha256(blob).hexdigest():
+        raise CheckpointError(f"{tensor_path}: content does not match {json_path.name} (corrupt or torn write)")
+    try:
+        tensors = safetensors.torch.load(blob)
+    except SafetensorError as err:
+        raise CheckpointError(f"{tensor_path}: corrupt safetensors file ({err})") from None
+    return tensors, meta
+
+
+def load_checkpoint(
+    path_stem: str | os.PathLike, model: nn.Module, strict: bool = True, classnames: Sequence[str] | None = None
+) -> dict:
+    """Load a checkpoint's tensors into ``model`` (in place) and return its metadata.
+
+    Args:
+        path_stem: file name without suffix (``<stem>.safetensors`` and ``<stem>.json`` must exist).
+        model: the model to fill (its frozen CLIP weights come from elsewhere and are not touched).
+        strict: missing or unexpected tensor names are errors (shape mismatches always are).
+        classnames: when given, the checkpoint's class names must equal them.
+
+    Raises:
+        CheckpointError: missing/corrupt files, class count or names differ, key or shape mismatch; the
+            one-line message names the file and the first offending keys or shapes.
+    """
+    tensors, meta = read_checkpoint(path_stem)
+    tensor_path = _paths(path_stem)[0]
+    saved = meta.get("classnames")
+    num_classes = getattr(unwrap(model), "num_classes", None)
+    if saved is not None and isinstance(num_classes, int) and len(saved) != num_classes:
+        raise CheckpointError(f"{tensor_path}: trained for {len(saved)} classes, the model has {num_classes}")
+    if saved is not None and classnames is not None and list(saved) != list(classnames):
+        first = next(
+            (i for i, (a, b) in enumerate(zip(saved, classnames, strict=False)) if a != b),
+            min(len(saved), len(classnames)),
+        )
+        raise CheckpointError(
+            f"{tensor_path}: class names differ ({len(saved)} saved vs {len(classnames)} given; first difference at "
+            f"index {first})"
+        )
+    load_trainable_state(model, tensors, strict=strict, source=str(tensor_path))
+    return meta
+
+
+# ---------------------------------------------------------------------------------- resume state
+def get_rng_state() -> dict:
+    """RNG states of python, numpy and torch (CPU and CUDA) as tensors and numbers (weights_only-safe)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    state["numpy"]["cached"] = float(cached)
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the RNG states captured by ``get_rng_state``."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_state(path: str | os.PathLike, state: dict) -> None:
+    """``torch.save`` the resume state atomically (keep it to tensors, numbers, strings, lists and dicts)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_files([(path, buffer.getvalue())])
+
+
+def load_state(path: str | os.PathLike) -> dict:
+    """Read a resume state with ``torch.load(weights_only=True)``; CheckpointError when missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: resume state not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises pickle, zip and runtime errors for damaged files
+        raise CheckpointError(f"{path}: unreadable resume state ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: resume state is a {type(state).__name__}, not a dict")
+    return state
+
+
+def gather_rng_states() -> list[dict]:
+    """``get_rng_state()`` of every rank in rank order (a collective under torch.distributed)."""
+    state = get_rng_state()
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [state]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def training_state(
+    model: nn.Module, optimizer: Any, ema: Any, loss_fn: nn.Module, rng: list[dict], step: int, epoch: int, best: dict
+) -> dict:
+    """The resume state of a Trainer as a weights_only-loadable dict (``optimizer``/``ema`` may be None)."""
+    return {
+        "epoch": epoch,  # epochs completed (= the sampler epoch to start from)
+        "step": step,  # optimiser steps done
+        "best": best,  # {"map", "epoch", "metrics"} of the selected epoch so far
+        "model": trainable_state(model),  # raw weights (the checkpoints hold the evaluated, maybe EMA, ones)
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "loss": loss_fn.state_dict(),  # e.g. grad_balance's running sums
+        "rng": rng,  # one entry per rank
+    }
+
+
+def restore_training_state(
+    state: dict, model: nn.Module, optimizer: Any, ema: Any, loss_fn: nn.Module, rank: int = 0, source: str = ""
+) -> dict:
+    """Load ``training_state`` into the parts (in place); return ``{"step", "epoch", "best"}``.
+
+    Raises:
+        CheckpointError: the state does not fit (missing entries, other tensors or shapes).
+    """
+    try:
+        load_trainable_state(model, state["model"], source=source)
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        loss_fn.load_state_dict(state["loss"])
+        rng = state["rng"]
+        set_rng_state(rng[rank] if rank < len(rng) else rng[0])
+        return {"step": int(state["step"]), "epoch": int(state["epoch"]), "best": dict(state["best"])}
+    except (KeyError, TypeError, RuntimeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{source}: does not fit this run ({type(err).__name__}: {err})") from None
+
+
+# ------------------------------------------------------------------------------------- run folder
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> bool:
+    """Check that a run may start in ``run_dir``; return True when it holds a ``state.pt`` to resume from.
+
+    Raises:
+        RunDirError: ``run_dir`` is a file; or it is not empty and ``resume`` is False (nothing is ever
+            overwritten); or ``resume`` is True and it holds files but no ``config.yaml`` (not a run folder).
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: exists and is not a folder")
+    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    if not resume and entries:
+        raise RunDirError(
+            f"{run_dir}: run folder is not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
+            "resume it (--resume) or choose another run name"
+        )
+    if resume and entries and "config.yaml" not in entries:
+        raise RunDirError(f"{run_dir}: cannot resume, no config.yaml (not a cimlic run folder)")
+    has_state = (run_dir / "state.pt").is_file()
+    if resume and not has_state:
+        logger.warning("%s: no state.pt to resume from; starting from the beginning", run_dir)
+    return has_state
+
+
+def trim_jsonl(path: str | os.PathLike, max_step: int) -> None:
+    """Keep the lines of a JSONL log whose ``step`` is <= ``max_step`` (drops a torn last line too)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= max_step:
+            kept.append(line)
+    atomic_write_files([(path, "".join(f"{line}\n" for line in kept).encode("utf-8"))])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_config(path: str | os.PathLike, current: dict, allowed: Sequence[str] = ()) -> None:
+    """Refuse to resume a run whose saved config (``path``) differs from ``current`` outside ``allowed`` keys.
+
+    Raises:
+        RunDirError: keys (dotted) other than ``allowed`` changed.
+    """
+    try:
+        saved = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise RunDirError(f"{path}: cannot read the run's config ({err})") from None
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    blocked = [k for k in changed if k not in allowed]
+    if blocked:
+        raise RunDirError(f"{path}: cannot resume with a different config; changed: {blocked[:5]}")
+    if changed:
+        logger.warning("resuming with changed %s", changed)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line to ``path``."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=_jsonable) + "\n")
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | os.PathLike) -> Iterator[None]:
+    """Copy the ``cimlic`` logger's records (INFO and above) to ``path`` while the context is open."""
+    pkg = logging.getLogger("cimlic")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        handler.close()
+        pkg.setLevel(old_level)
