@@ -1,10 +1,11 @@
-"""The shared training engine: learning-rate schedules, EMA, the Trainer (AMP, DDP, checkpoints, resume).
+"""The shared training engine: the Trainer (AMP, DDP, checkpoints, resume) and evaluation helpers.
 
 A run folder holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSON object per logged step with
 ``loss``/``lr``, one per evaluation with ``split``), ``log.txt``, ``last``/``best`` checkpoints
 (``.safetensors`` + ``.json``: the weights that were evaluated, i.e. the EMA weights when EMA is on),
 ``state.pt`` (everything needed to resume, including the raw weights) and ``eval.json`` (test metrics of the
-selected checkpoint). Checkpoint and state I/O live in ``cimlic.checkpoint``.
+selected checkpoint). Checkpoint and state I/O live in ``cimlic.checkpoint``, schedules and EMA in
+``cimlic.optim``, process set-up in ``cimlic.distributed`` (their names are re-exported here).
 """
 
 from __future__ import annotations
@@ -13,163 +14,32 @@ import contextlib
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from cimlic import checkpoint as ckpt
 from cimlic.checkpoint import CheckpointError, RunDirError  # noqa: F401  (re-exported for callers)
 from cimlic.config import Config, TrainConfig, save_config, to_dict
 from cimlic.data.samplers import build_sampler
+from cimlic.distributed import barrier, init_distributed, resolve_device, seed_everything, shard, world
 from cimlic.metrics import Evaluator, format_table
+from cimlic.optim import EMA, build_optimizer, lr_at
 
 logger = logging.getLogger(__name__)
 
 # Config keys that may change when a run is resumed (they do not change what is computed, or extend it).
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.device", "train.num_workers", "train.log_every")
 SUMMARY_KEYS = ("map", "head", "medium", "tail", "var")
-
-
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimiser step ``step`` (0-based) out of ``total_steps``: a pure function of the step.
-
-    - cosine: linear warm-up ``lr * (step + 1) / warmup_steps`` (so step ``warmup_steps - 1`` runs at ``lr``),
-      then half a cosine from ``lr`` down to 0 at ``total_steps``.
-    - onecycle: half a cosine rising from ``lr / 25`` at step 0 to ``lr`` at step ``round(onecycle_pct * total)``,
-      then half a cosine falling to ``lr / 1e4`` at ``total_steps`` (no separate warm-up).
-    - constant: the same linear warm-up, then ``lr``.
-    """
-    peak, total = cfg.lr, max(int(total_steps), 0)
-    s = min(max(int(step), 0), total)
-    if cfg.schedule == "onecycle":
-        up = max(1, round(cfg.onecycle_pct * total))
-        if s < up:
-            return _cosine(peak / 25.0, peak, s / up)
-        return _cosine(peak, peak / 1e4, (s - up) / max(1, total - up))
-    if s < cfg.warmup_steps:
-        return peak * (s + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return peak
-    if cfg.schedule == "cosine":
-        return _cosine(peak, 0.0, (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: ['cosine', 'onecycle', 'constant']")
-
-
-def _cosine(start: float, end: float, t: float) -> float:
-    """Half-cosine interpolation: ``start`` at t = 0, ``end`` at t = 1."""
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
-
-
-class EMA:
-    """Exponential moving average of the trainable tensors: ``shadow = decay * shadow + (1 - decay) * current``.
-
-    Covers the floating-point tensors a checkpoint stores (trainable parameters, non-``clip.`` buffers).
-
-    Args:
-        model: the model whose tensors are averaged (the shadow starts as a copy of them).
-        decay: in (0, 1), e.g. 0.998.
-    """
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
-        live = ckpt.trainable_tensors(model)
-        self.shadow = {k: v.detach().clone() for k, v in live.items() if v.is_floating_point()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow towards the model's current tensors."""
-        live = ckpt.trainable_tensors(model)
-        for name, s in self.shadow.items():
-            s.lerp_(live[name].detach().to(s.dtype), 1.0 - self.decay)  # s + (1 - d)(x - s)
-
-    @contextlib.contextmanager
-    def swap(self, model: nn.Module) -> Iterator[None]:
-        """Context in which the model holds the shadow tensors; its own tensors come back afterwards."""
-        live = ckpt.trainable_tensors(model)
-        saved = {k: live[k].detach().clone() for k in self.shadow}
-        ckpt.load_trainable_state(model, self.shadow, strict=False, source="EMA")
-        try:
-            yield
-        finally:
-            ckpt.load_trainable_state(model, saved, strict=False, source="EMA")
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"decay": float, "shadow": {name: tensor}}``."""
-        return {"decay": self.decay, "shadow": {k: v.detach().cpu().clone() for k, v in self.shadow.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict`` (names and shapes must match)."""
-        if set(state["shadow"]) != set(self.shadow):
-            raise CheckpointError(
-                f"EMA state has tensors {sorted(state['shadow'])[:5]}, expected {sorted(self.shadow)[:5]}"
-            )
-        self.decay = float(state["decay"])
-        with torch.no_grad():
-            for k, v in state["shadow"].items():
-                self.shadow[k].copy_(v)
-
-
-# --------------------------------------------------------------------------------- process set-up
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def init_distributed() -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
-
-    NCCL when CUDA is available (and the process's GPU is selected), gloo otherwise. A no-op returning
-    (0, 1) when not launched by torchrun; returns the current (rank, world size) when already initialised.
-    """
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return 0, 1
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
-    logger.info("torch.distributed: rank %d of %d (%s)", dist.get_rank(), dist.get_world_size(), backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` -> this process's GPU if CUDA is available, else the CPU; ``cuda`` -> LOCAL_RANK's GPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(spec)
-
-
-def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
-    """Contiguous block ``rank`` of ``world_size`` (no padding): the blocks in rank order are the dataset."""
-    n = len(dataset)
-    return Subset(dataset, range(rank * n // world_size, (rank + 1) * n // world_size))
+__all__ = ["EMA", "Trainer", "evaluate_logits", "forward_all", "init_distributed", "lr_at", "resolve_device",
+           "seed_everything", "shard"]  # fmt: skip
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -182,14 +52,6 @@ def _summary(metrics: dict | None) -> dict | None:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
-
-
-def _build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: ['adamw', 'sgd']")
 
 
 # ---------------------------------------------------------------------------------------- trainer
@@ -257,7 +119,7 @@ class Trainer:
         self.cfg, self.run_dir, self.classnames = cfg, Path(run_dir), list(classnames)
         self.train_counts = None if train_counts is None else np.asarray(train_counts).astype(np.int64).tolist()
         self.datasets = {"train": train_set, "val": val_set, "test": test_set}
-        self.rank, self.world_size = _world()
+        self.rank, self.world_size = world()
         self.device = resolve_device(cfg.train.device)
         self.model, self.loss_fn = model.to(self.device), loss_fn.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -265,7 +127,7 @@ class Trainer:
         if self.world_size > 1 and self.params:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = _build_optimizer(self.params, cfg.train) if self.params else None
+        self.optimizer = build_optimizer(self.params, cfg.train) if self.params else None
         self.ema = EMA(self.model, cfg.train.ema) if cfg.train.ema > 0 and self.params else None
         self.generator = torch.Generator()  # reseeded from (seed, epoch) at every epoch
         self.sampler = sampler if sampler is not None or not self.params else self._default_sampler(train_set)
@@ -293,7 +155,7 @@ class Trainer:
             and ``selection`` (the selection split's summary at that epoch).
         """
         resumable = ckpt.check_run_dir(self.run_dir, resume) and resume
-        _barrier()  # every rank has looked at the folder before rank 0 writes to it
+        barrier()  # every rank has looked at the folder before rank 0 writes to it
         with self._file_logging():
             start = self._start(resumable)
             epochs = self.cfg.train.epochs if self.optimizer is not None else 0  # nothing trainable: test only
@@ -435,7 +297,7 @@ class Trainer:
         if self.rank == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
             ckpt.trim_jsonl(self.run_dir / "metrics.jsonl", self.step)  # drop steps logged after the state was saved
-        _barrier()
+        barrier()
         return self.epoch
 
     def _restore(self, state: dict) -> None:
@@ -467,7 +329,7 @@ class Trainer:
             parts = (self.model, self.optimizer, self.ema, self.loss_fn)
             state = ckpt.training_state(*parts, rng=rng, step=self.step, epoch=self.epoch, best=self.best)
             ckpt.save_state(self.run_dir / "state.pt", state)
-        _barrier()
+        barrier()
 
     def _finish(self) -> dict:
         """Test the ``best`` checkpoint (on val when there is no test split) and write ``eval.json``."""
@@ -485,7 +347,7 @@ class Trainer:
             ckpt.write_json(self.run_dir / "eval.json", result)
             self._write_jsonl({"step": self.step, "epoch": self.epoch, "split": split, **_summary(test)})
             logger.info("%s, epoch %s selected on %s:\n%s", split, self.best["epoch"], selected_on, format_table(test))
-        _barrier()
+        barrier()
         return result
 
     def _meta(self, metrics: dict | None) -> dict:
