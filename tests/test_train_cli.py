@@ -112,3 +112,19 @@ def test_train_errors(world, tmp_path, capsys):
     nocap = write_config(tmp_path / "l.yaml", world, "coop", loss__name="lmpt")
     assert main(["train", "--config", str(nocap), "--run-dir", str(tmp_path / "r5")]) == 2
     assert "needs data.captions" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes(world, tmp_path):
+    """`torchrun --nproc_per_node 2 -m cimlic train` (gloo on CPU) trains, gathers and writes one run folder."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path / "c.yaml", world, "coop", train__batch_size=8)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cimlic", "train", "--config", str(config), "--run-dir", str(run)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((run / "eval.json").read_text())
+    assert result["num_images"] == 60 and 0 < result["map"] <= 100  # every test image scored once, gathered
+    assert proc.stdout.count("run folder:") == 1  # only rank 0 reports
