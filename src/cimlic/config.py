@@ -127,6 +127,25 @@ class EvalConfig:
 
 
 @dataclass
+class HPDVALConfig:
+    alpha: float = 0.4  # fusion weight of the global view (fusion=released: of the local view)
+    topk: int = 32  # local view: mean of the k best token scores per class (clamped to the token count)
+    fusion: Literal["paper", "released"] = "paper"  # released: L2-normalise each view's scores over classes first
+    logit_scale: float = 0.0  # multiplier of the fused cosine scores; 0 = CLIP's logit scale
+    student_init: Literal["clip", "random"] = "clip"  # stage-1 student: CLIP's image tower (released) or random
+    embed_head: Literal["linear", "mlp"] = "linear"  # student to text space: CLIP's proj, or proj + residual MLP
+    kd_weight: float = 1.0  # weight of L_kd = mean |f_CLIP(x) - f_cls(x)| (||.||_1 / D; stage 1, joint)
+    stage1_run: str = ""  # stage 2: stage-1 run folder whose best student is loaded, frozen ("" = untrained, released)
+    n_ctx: int = 4  # stage 2 / joint: context vectors M of the global and of the local prompts
+    prompt_init: Literal["random", "words"] = "random"  # contexts from N(0, 0.02) (paper) or "a photo of a" (released)
+    learn_global: bool = True  # learnable global prompts (False: the global view uses the hand-crafted P^H)
+    learn_local: bool = True  # learnable local prompts (False: the local view uses the hand-crafted P^H)
+    use_sc: bool = True  # add the semantic-consistency loss L_sc (stage 2, joint)
+    sc_on: Literal["global", "local"] = "global"  # prompts L_sc ties to P^H: global (paper) or local (released)
+    sc_weight: float = 1.0  # weight of L_sc = mean |P^H - P^G| (or P^L; ||.||_1 / D)
+
+
+@dataclass
 class ModelConfig:
     name: str = "zeroshot"  # one of cimlic.models.list_models()
     clip_arch: str = "RN50"  # open_clip architecture (OpenAI checkpoints load as "<arch>-quickgelu")
@@ -144,6 +163,7 @@ class ModelConfig:
     learn_temps: bool = False  # DualCoOp: learn tau_s and tau
     dropout: float = 0.0  # linear probe: dropout on the image feature
     probe_normalize: bool = True  # linear probe: L2-normalise the image feature first
+    hpdval: HPDVALConfig = field(default_factory=HPDVALConfig)  # HP-DVAL (hpdval_stage1/_stage2/_joint)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from torch import nn
 from cimlic.config import ModelConfig
 from cimlic.models.clip import ClipError, ClipModel, load_clip
 from cimlic.models.heads import FrozenClipModel, LinearProbe, ZeroShotCLIP
+from cimlic.models.hpdval import HPDVAL
 from cimlic.models.prompts import LMPT, CoOp, DualCoOp, PromptLearner
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ __all__ = [
     "CoOp",
     "DualCoOp",
     "FrozenClipModel",
+    "HPDVAL",
     "LMPT",
     "LinearProbe",
     "PromptLearner",
@@ -58,12 +60,27 @@ def _lmpt(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module
     return LMPT(clip, classnames, cfg.n_ctx, cfg.ctx_init)
 
 
+def _hpdval_stage1(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
+    return HPDVAL(clip, classnames, "stage1", cfg.hpdval, cfg.templates)
+
+
+def _hpdval_stage2(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
+    return HPDVAL(clip, classnames, "stage2", cfg.hpdval, cfg.templates)
+
+
+def _hpdval_joint(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
+    return HPDVAL(clip, classnames, "joint", cfg.hpdval, cfg.templates)
+
+
 _BUILDERS: dict[str, Callable[[ModelConfig, list[str], ClipModel], nn.Module]] = {
     "zeroshot": _zeroshot,
     "linear_probe": _linear_probe,
     "coop": _coop,
     "dualcoop": _dualcoop,
     "lmpt": _lmpt,
+    "hpdval_stage1": _hpdval_stage1,
+    "hpdval_stage2": _hpdval_stage2,
+    "hpdval_joint": _hpdval_joint,
 }
 
 
