@@ -20,6 +20,8 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert cfg.loss.asl.gamma_neg == 4.0  # untouched default
     apply_override(cfg, "name=2024")  # a string field keeps numeric-looking text as text
     assert cfg.name == "2024"
+    apply_override(cfg, "data.image_pattern={id}.png")  # not a YAML mapping: string fields take the text
+    assert cfg.data.image_pattern == "{id}.png"
     apply_override(cfg, "train.lr=1e-5")  # YAML 1.1 reads 1e-5 as a string: float fields accept it
     assert cfg.train.lr == 1e-5
     apply_override(cfg, 'model.templates=["a photo of a {}.", "a {}."]')

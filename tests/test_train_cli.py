@@ -128,3 +128,27 @@ def test_torchrun_two_processes(world, tmp_path):
     result = json.loads((run / "eval.json").read_text())
     assert result["num_images"] == 60 and 0 < result["map"] <= 100  # every test image scored once, gathered
     assert proc.stdout.count("run folder:") == 1  # only rank 0 reports
+
+
+def test_hpdval_two_stages_in_one_run(world, tmp_path):
+    """model.name=hpdval: stage 1, then stage 2 on its student, in one run folder; eval and predict use stage 2."""
+    from safetensors.torch import load_file
+
+    config = write_config(tmp_path / "c.yaml", world, "hpdval", loss__name="db_star")
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["hpdval"] = {"topk": 8, "stage2_epochs": 1, "stage2_lr": 0.01}
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
+    assert (run / "stage1" / "eval.json").is_file() and (run / "stage2" / "eval.json").is_file()
+    combined = json.loads((run / "eval.json").read_text())
+    assert combined["map"] == json.loads((run / "stage2" / "eval.json").read_text())["map"]
+    stage2_cfg = yaml.safe_load((run / "stage2" / "config.yaml").read_text())
+    assert stage2_cfg["model"]["name"] == "hpdval_stage2" and stage2_cfg["train"]["lr"] == 0.01
+    assert Path(stage2_cfg["model"]["hpdval"]["stage1_run"]) == (run / "stage1").resolve()
+    assert set(load_file(run / "stage2" / "best.safetensors")) == {"prompt_global.ctx", "prompt_local.ctx"}
+    assert main(["eval", "--run", str(run)]) == 0
+    assert main(["train", "--config", str(config), "--run-dir", str(run), "--resume"]) == 0  # both stages done
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--run", str(run), str(world / "images" / "test_00001.png"), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 1

@@ -71,3 +71,20 @@ def bench_cache(cfg: Config, max_images: int = 0) -> dict:
         "ratio": round(uncached_s / max(cached_s, 1e-9), 1),
     }  # fmt: skip
     return result
+
+
+def bench_train(cfg: Config, max_images: int = 0) -> dict:
+    """Time one training epoch on images (the trainable image tower included, e.g. HP-DVAL stage 1)."""
+    splits = load_splits(cfg)
+    train = splits.train.subset(range(min(max_images, len(splits.train)))) if max_images else splits.train
+    model = build_model_for(cfg, splits.classnames)
+    images = image_dataset(cfg, train, "train", model_transform(model, cfg, train=False))
+    loss_fn = build_loss(cfg.loss, torch.as_tensor(train.class_counts()), len(train))
+    model.train()
+    seconds, steps = _epoch(model, loss_fn, images, cfg.train.batch_size)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {
+        "model": cfg.model.name, "clip_arch": cfg.model.clip_arch, "images": len(images), "steps": steps,
+        "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(), "trainable_params": trainable,
+        "epoch_s": round(seconds, 3), "s_per_step": round(seconds / max(1, steps), 4),
+    }  # fmt: skip

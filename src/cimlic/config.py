@@ -143,6 +143,8 @@ class HPDVALConfig:
     use_sc: bool = True  # add the semantic-consistency loss L_sc (stage 2, joint)
     sc_on: Literal["global", "local"] = "global"  # prompts L_sc ties to P^H: global (paper) or local (released)
     sc_weight: float = 1.0  # weight of L_sc = mean |P^H - P^G| (or P^L; ||.||_1 / D)
+    stage2_epochs: int = 10  # model.name=hpdval (both stages in one run): epochs of stage 2 (stage 1: train.epochs)
+    stage2_lr: float = 5e-6  # model.name=hpdval: peak learning rate of stage 2 (stage 1: train.lr)
 
 
 @dataclass
@@ -191,6 +193,17 @@ class TrainConfig:
 
 
 @dataclass
+class FewShotConfig:
+    base_labels: str = ""  # training images with base labels only (cimlic split fewshot: train_base.txt)
+    support_dir: str = (
+        ""  # folder with the episodes train_novel_{K}shot_{e}.txt (given or built by cimlic split fewshot)
+    )
+    test_labels: str = ""  # test images with novel labels only (test_novel.txt); mAP is over the novel classes
+    shots: list[int] = field(default_factory=lambda: [1, 5])  # K values
+    episodes: int = 10  # episodes per K (mean ± std reported)
+
+
+@dataclass
 class Config:
     name: str = "experiment"  # run name
     seed: int = 0  # global seed
@@ -200,6 +213,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    fewshot: FewShotConfig = field(default_factory=FewShotConfig)
 
 
 # ------------------------------------------------------------------------------------- machinery
@@ -300,12 +314,13 @@ def apply_override(cfg: Any, item: str) -> None:
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(types_[part]):
                 raise ConfigError(f"override {key!r}: {where} is a section; set one of its keys")
-            try:
-                value = yaml.safe_load(raw) if raw.strip() else ""
-            except yaml.YAMLError as err:
-                raise ConfigError(f"override {key!r}: cannot parse value {raw!r} ({err})") from None
-            if types_[part] is str and value is not None and not isinstance(value, str):
-                value = raw  # "--set name=123" keeps the string
+            if types_[part] is str:  # text is taken as written ("name=123", "pattern={id}.png"); quotes optional
+                value = raw[1:-1] if len(raw) > 1 and raw[0] == raw[-1] and raw[0] in "'\"" else raw
+            else:
+                try:
+                    value = yaml.safe_load(raw) if raw.strip() else ""
+                except yaml.YAMLError as err:
+                    raise ConfigError(f"override {key!r}: cannot parse value {raw!r} ({err})") from None
             setattr(target, part, _check_value(value, types_[part], where))
         else:
             target = getattr(target, part)

@@ -6,6 +6,7 @@ Used by ``cimlic train | eval | predict``; importable for notebooks and scripts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import random
@@ -18,7 +19,7 @@ from torch.utils.data import Dataset
 
 from cimlic import checkpoint as ckpt
 from cimlic.cache import CachedFeatureDataset, load_or_compute, weights_digest
-from cimlic.config import Config, ConfigError, load_config
+from cimlic.config import Config, ConfigError, load_config, save_config
 from cimlic.data.dataset import MultiLabelDataset, default_transform
 from cimlic.data.labels import LabelSet, read_classes, read_label_list
 
@@ -226,12 +227,17 @@ def check_clip_identity(run_dir: Path, model: torch.nn.Module) -> None:
 
 
 def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
-    """Train and test ``cfg`` into ``run_dir`` (``cimlic train``); returns the test metrics (eval.json)."""
+    """Train and test ``cfg`` into ``run_dir`` (``cimlic train``); returns the test metrics (eval.json).
+
+    ``model.name: hpdval`` runs HP-DVAL's two stages into ``run_dir/stage1`` and ``run_dir/stage2``.
+    """
     from cimlic.engine import Trainer, init_distributed, resolve_device
     from cimlic.losses import build_loss
 
     run_dir = Path(run_dir)
     rank, _ = init_distributed()
+    if cfg.model.name == "hpdval":
+        return _train_two_stage(cfg, run_dir, resume, rank)
     splits = load_splits(cfg)
     model = build_model_for(cfg, splits.classnames)
     device = str(resolve_device(cfg.train.device))
@@ -251,9 +257,37 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     return result
 
 
+def _train_two_stage(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dict:
+    """HP-DVAL: stage 1 (DVAL) into ``run_dir/stage1``, then stage 2 (HPT) on its frozen student into ``stage2``."""
+    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
+        raise ckpt.RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
+    stage1 = copy.deepcopy(cfg)
+    stage1.model.name, stage1.name = "hpdval_stage1", f"{cfg.name}/stage1"
+    if resume and (run_dir / "stage1" / "eval.json").is_file():
+        logger.info("stage 1 already finished in %s", run_dir / "stage1")
+    else:
+        train_run(stage1, run_dir / "stage1", resume=resume and (run_dir / "stage1").is_dir())
+    stage2 = copy.deepcopy(cfg)
+    stage2.model.name, stage2.name = "hpdval_stage2", f"{cfg.name}/stage2"
+    stage2.model.hpdval.stage1_run = str((run_dir / "stage1").resolve())
+    stage2.train.epochs, stage2.train.lr = cfg.model.hpdval.stage2_epochs, cfg.model.hpdval.stage2_lr
+    result = train_run(stage2, run_dir / "stage2", resume=resume and (run_dir / "stage2").is_dir())
+    if rank == 0:
+        save_config(cfg, run_dir / "config.yaml")
+        ckpt.write_json(run_dir / "eval.json", result | {"stages": ["stage1", "stage2"]})
+    return result
+
+
+def _resolve_run(run_dir: Path) -> Path:
+    """A two-stage HP-DVAL run folder stands for its stage-2 run."""
+    if not (run_dir / "best.json").is_file() and (run_dir / "stage2" / "best.json").is_file():
+        return run_dir / "stage2"
+    return run_dir
+
+
 def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict]:
     """The config, the model with its ``best`` weights, and the checkpoint metadata of a finished run."""
-    run_dir = Path(run_dir)
+    run_dir = _resolve_run(Path(run_dir))
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml")
@@ -268,7 +302,7 @@ def eval_run(run_dir: str | Path, split: str = "test", ap: str | None = None) ->
     """Evaluate a run's selected checkpoint on ``split`` (``cimlic eval``); writes ``eval_<split>_<ap>.json``."""
     from cimlic.engine import evaluate_logits, forward_all, resolve_device
 
-    run_dir = Path(run_dir)
+    run_dir = _resolve_run(Path(run_dir))
     cfg, model, meta = load_run(run_dir)
     if ap:
         cfg.eval.ap = ap

@@ -95,8 +95,11 @@ def build_model(cfg: ModelConfig, classnames: Sequence[str]) -> nn.Module:
     Raises:
         ValueError: unknown model name (with the valid list), no class names, or a CLIP problem (ClipError).
     """
+    if cfg.name == "hpdval":
+        raise ValueError("model 'hpdval' is both HP-DVAL stages in one run: use `cimlic train` (runner.train_run), "
+                         "or build 'hpdval_stage1' / 'hpdval_stage2' directly")  # fmt: skip
     if cfg.name not in _BUILDERS:
-        raise ValueError(f"unknown model {cfg.name!r}; valid: {list_models()}")
+        raise ValueError(f"unknown model {cfg.name!r}; valid: {list_models()} (and 'hpdval' for both stages)")
     classnames = [str(c) for c in classnames]
     if not classnames:
         raise ValueError(f"model {cfg.name!r}: no class names given")
