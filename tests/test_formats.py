@@ -252,3 +252,19 @@ def test_dataset_items_and_image_errors(tmp_path):
         ds[1]
     with pytest.raises(ImageFileError, match=r"gone.jpg: image file not found"):
         load_image(ds.image_path(2))
+
+
+def test_prepare_voc07_and_coco_full(tmp_path):
+    from cimlic.data.prepare import prepare_coco_full, prepare_voc07
+
+    make_voc(tmp_path, "2007", "trainval", {"000005": [("chair", 0)], "000007": [("car", 0), ("person", 1)]})
+    d07 = make_voc(tmp_path, "2007", "test", {"000001": [("dog", 0)]})
+    stats = prepare_voc07(d07, tmp_path / "v", difficult="negative")
+    assert (stats["train_images"], stats["test_images"]) == (2, 1)
+    train = read_label_list(tmp_path / "v" / "train.txt", VOC_CLASSES)
+    assert train.positives(1) == [VOC_CLASSES.index("car")]  # the difficult person is negative here
+    make_coco(tmp_path / "coco", "train2014", [(1, 40, 40), (2, 40, 40)], [(1, 1, [0, 0, 4, 4]), (2, 18, [0, 0, 4, 4])])
+    make_coco(tmp_path / "coco", "val2014", [(3, 40, 40)], [(3, 3, [0, 0, 4, 4])])
+    stats = prepare_coco_full(tmp_path / "coco", tmp_path / "c", year="2014")
+    assert (stats["train_images"], stats["test_images"]) == (2, 1)
+    assert read_classes(tmp_path / "c" / "classes.txt") == ["person", "car", "dog"]

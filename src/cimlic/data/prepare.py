@@ -174,3 +174,37 @@ def group_table(stats: dict) -> str:
         f"n_c max {stats['max_count']} ({stats['max_class']}) min {stats['min_count']} ({stats['min_class']}); "
         f"head/medium/tail {g['head']}/{g['medium']}/{g['tail']}"
     )
+
+
+def prepare_voc07(voc2007: str | os.PathLike, out: str | os.PathLike, difficult: Difficult = "positive",
+                  verify_images: bool = True) -> dict:  # fmt: skip
+    """Full VOC2007: train = trainval, test = test (few-shot and missing-label protocols)."""
+    d07 = find_voc_year_dir(voc2007, "2007")
+    train = read_voc(d07, "trainval", "2007", VOC_CLASSES, difficult)
+    test = read_voc(d07, "test", "2007", VOC_CLASSES, difficult)
+    if verify_images:
+        check_images(d07, train.ids + test.ids, "JPEGImages/{id}.jpg")
+    out = Path(out)
+    data_cfg = {
+        "name": "voc2007", "classes": str(out / "classes.txt"), "train_labels": str(out / "train.txt"),
+        "test_labels": str(out / "test.txt"), "image_root": str(d07.resolve()), "image_pattern": "JPEGImages/{id}.jpg",
+    }  # fmt: skip
+    return _write_outputs(out, train, test, data_cfg, {"split": "VOC2007 trainval / test", "difficult": difficult})
+
+
+def prepare_coco_full(coco: str | os.PathLike, out: str | os.PathLike, year: str = "2014",
+                      classnames: Sequence[str] | None = None, verify_images: bool = True) -> dict:  # fmt: skip
+    """Full COCO: train = train<year>, test = val<year> (few-shot: 2014, LaSO protocol; missing labels)."""
+    coco = Path(coco)
+    train, _ = read_coco(coco / "annotations" / f"instances_train{year}.json", classnames)
+    test, _ = read_coco(coco / "annotations" / f"instances_val{year}.json", train.classnames)
+    if verify_images:
+        check_images(coco / f"train{year}", train.ids, "{id}.jpg")
+        check_images(coco / f"val{year}", test.ids, "{id}.jpg")
+    out = Path(out)
+    data_cfg = {
+        "name": f"coco{year}", "classes": str(out / "classes.txt"), "train_labels": str(out / "train.txt"),
+        "test_labels": str(out / "test.txt"), "train_image_root": str((coco / f"train{year}").resolve()),
+        "test_image_root": str((coco / f"val{year}").resolve()), "image_pattern": "{id}.jpg",
+    }  # fmt: skip
+    return _write_outputs(out, train, test, data_cfg, {"split": f"COCO train{year} / val{year}"})
