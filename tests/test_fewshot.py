@@ -58,3 +58,9 @@ def test_fewshot_protocol(fewshot_world, tmp_path):
     assert json.loads((tmp_path / "run" / "fewshot.json").read_text()) == summary
     again = run_fewshot(cfg, tmp_path / "run", resume=True)  # finished episodes are read back, not retrained
     assert again == summary
+    from cimlic.cli import main
+    from cimlic.config import save_config
+
+    save_config(cfg, tmp_path / "fs.yaml")
+    assert main(["fewshot", "--config", str(tmp_path / "fs.yaml"), "--run-dir", str(tmp_path / "run"), "--resume"]) == 0
+    assert main(["fewshot", "--config", str(tmp_path / "fs.yaml"), "--run-dir", str(tmp_path / "run")]) == 2

@@ -261,6 +261,8 @@ def test_prepare_voc07_and_coco_full(tmp_path):
     d07 = make_voc(tmp_path, "2007", "test", {"000001": [("dog", 0)]})
     stats = prepare_voc07(d07, tmp_path / "v", difficult="negative")
     assert (stats["train_images"], stats["test_images"]) == (2, 1)
+    assert main(["prepare", "voc07", "--voc2007", str(d07), "--out", str(tmp_path / "v2")]) == 0
+    assert read_label_list(tmp_path / "v2" / "train.txt", VOC_CLASSES).positives(1) == [6, 14]  # car, person
     train = read_label_list(tmp_path / "v" / "train.txt", VOC_CLASSES)
     assert train.positives(1) == [VOC_CLASSES.index("car")]  # the difficult person is negative here
     make_coco(tmp_path / "coco", "train2014", [(1, 40, 40), (2, 40, 40)], [(1, 1, [0, 0, 4, 4]), (2, 18, [0, 0, 4, 4])])

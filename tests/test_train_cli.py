@@ -148,6 +148,8 @@ def test_hpdval_two_stages_in_one_run(world, tmp_path):
     assert Path(stage2_cfg["model"]["hpdval"]["stage1_run"]) == (run / "stage1").resolve()
     assert set(load_file(run / "stage2" / "best.safetensors")) == {"prompt_global.ctx", "prompt_local.ctx"}
     assert main(["eval", "--run", str(run)]) == 0
+    assert main(["report", str(run / "stage1"), str(run / "stage2"), "--out", str(tmp_path / "r.html")]) == 0
+    assert "<svg" in (tmp_path / "r.html").read_text()
     assert main(["train", "--config", str(config), "--run-dir", str(run), "--resume"]) == 0  # both stages done
     out = tmp_path / "p.jsonl"
     assert main(["predict", "--run", str(run), str(world / "images" / "test_00001.png"), "--out", str(out)]) == 0

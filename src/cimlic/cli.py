@@ -78,9 +78,14 @@ def cmd_split_partial(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- prepare
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from cimlic.data.prepare import group_table, prepare_coco_lt, prepare_voc_lt
+    from cimlic.data.prepare import group_table, prepare_coco_full, prepare_coco_lt, prepare_voc07, prepare_voc_lt
 
-    if args.dataset == "voc-lt":
+    if args.dataset == "voc07":
+        stats = prepare_voc07(args.voc2007, args.out, args.difficult, not args.no_image_check)
+    elif args.dataset == "coco2014":
+        classes = read_classes(args.classes) if args.classes else None
+        stats = prepare_coco_full(args.coco, args.out, "2014", classes, not args.no_image_check)
+    elif args.dataset == "voc-lt":
         stats = prepare_voc_lt(args.voc2012, args.voc2007, args.out, args.split_file, args.n_max or 800, args.seed,
                                args.difficult, not args.no_image_check)  # fmt: skip
     else:
@@ -159,6 +164,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_train(args: argparse.Namespace) -> int:
+    from cimlic.bench import bench_train
+    from cimlic.config import load_config
+
+    result = bench_train(load_config(args.config, args.set), max_images=args.max_images)
+    print(json.dumps(result))
+    print(f"{result['model']} on {result['clip_arch']}, {result['images']} images, batch {result['batch_size']}: "
+          f"{result['epoch_s']} s per epoch, {result['s_per_step']} s/step")  # fmt: skip
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from cimlic.config import load_config
+    from cimlic.fewshot import format_fewshot, run_fewshot
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    summary = run_fewshot(cfg, run_dir, resume=args.resume)
+    if _rank() == 0:
+        print(format_fewshot(summary))
+        print(f"wrote {run_dir / 'fewshot.json'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from cimlic.report import write_report
+
+    out = write_report(args.runs, args.out, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 def _rank() -> int:
     import torch.distributed as dist
 
@@ -170,6 +207,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cimlic.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- digits
+def cmd_digits(args: argparse.Namespace) -> int:
+    from cimlic.data.digits import build_digits_world
+    from cimlic.data.prepare import group_table
+
+    stats = build_digits_world(args.out, seed=args.seed, n_max=args.n_max)
+    print(f"wrote the Digits world to {args.out}: {group_table(stats)}; val {stats['val_images']} images")
+    print(f"data config: {Path(args.out) / 'data.yaml'}")
+    return 0
+
+
+def cmd_pretrain_digits(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from cimlic.pretrain import QUICK_RECIPE, PretrainRecipe, checkpoint_path, pretrain_digits
+
+    recipe = QUICK_RECIPE if args.quick else PretrainRecipe()
+    if args.steps:
+        recipe = replace(recipe, steps=args.steps)
+    command = f"cimlic pretrain-digits --out {args.out} --seed {args.seed} --steps {recipe.steps}"
+    command += " --quick" if args.quick else ""
+    cached = checkpoint_path(args.out, args.arch, recipe, args.seed).is_file() and not args.force
+    path = pretrain_digits(args.out, seed=args.seed, recipe=recipe, arch=args.arch, command=command, force=args.force)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    print(f"checkpoint: {path}{' (found in the cache)' if cached else ''}")
+    print(f"final loss {meta['final_loss']:.4f} after {len(meta['losses'])} steps ({meta['seconds']} s); "
+          f"use model.clip_arch={meta['arch']} model.clip_checkpoint={path}")  # fmt: skip
     return 0
 
 
@@ -212,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.set_defaults(func=cmd_split_partial)
 
     pr = sub.add_parser("prepare", help="official dataset folders to label lists")
-    pr.add_argument("dataset", choices=["voc-lt", "coco-lt"])
+    pr.add_argument("dataset", choices=["voc-lt", "coco-lt", "voc07", "coco2014"])
     pr.add_argument("--voc2012", help="VOCdevkit/VOC2012 (voc-lt)")
     pr.add_argument("--voc2007", help="VOCdevkit/VOC2007 with test annotations (voc-lt)")
     pr.add_argument("--coco", help="folder with annotations/, train2017/, val2017/ (coco-lt)")
@@ -265,6 +332,39 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bc.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
     bc.set_defaults(func=cmd_bench)
+    bt = be.add_parser("train", help="one training epoch on images (seconds per step)")
+    bt.add_argument("--config", required=True)
+    bt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
+    bt.set_defaults(func=cmd_bench_train)
+
+    fs = sub.add_parser("fewshot", help="the few-shot protocol: K shots x episodes, mean ± std of novel mAP")
+    fs.add_argument("--config", required=True, help="experiment YAML with a fewshot section")
+    fs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    fs.add_argument("--run-dir", help="run folder (default runs/<name>)")
+    fs.add_argument("--resume", action="store_true", help="keep finished episodes, resume the others")
+    fs.set_defaults(func=cmd_fewshot)
+
+    rp = sub.add_parser("report", help="one self-contained HTML page of runs with plots and published numbers")
+    rp.add_argument("runs", nargs="+", help="run folders")
+    rp.add_argument("--out", required=True, help="output .html")
+    rp.add_argument("--title")
+    rp.set_defaults(func=cmd_report)
+
+    dg = sub.add_parser("digits", help="build the Digits world (images, long-tailed lists, few-shot, partial)")
+    dg.add_argument("--out", default="data/digits", help="output folder")
+    dg.add_argument("--seed", type=int, default=0)
+    dg.add_argument("--n-max", type=int, default=500, help="long-tail builder target of the largest class")
+    dg.set_defaults(func=cmd_digits)
+
+    pt = sub.add_parser("pretrain-digits", help="pre-train the tiny CLIP on the digits corpus (cached)")
+    pt.add_argument("--out", default="checkpoints/digits", help="checkpoint folder")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--steps", type=int, default=0, help="optimiser steps (0 = the recipe's)")
+    pt.add_argument("--arch", default="cimlic-digits-vit", help="a tiny CLIP architecture of cimlic")
+    pt.add_argument("--quick", action="store_true", help="a few small steps (smoke tests)")
+    pt.add_argument("--force", action="store_true", help="train even if the cached checkpoint exists")
+    pt.set_defaults(func=cmd_pretrain_digits)
 
     de = sub.add_parser("demo", help="a short end-to-end run on generated data")
     de.add_argument("--out", default="runs/demo")
@@ -285,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "prepare":
-            need = ("voc2012", "voc2007") if args.dataset == "voc-lt" else ("coco",)
+            need = {"voc-lt": ("voc2012", "voc2007"), "voc07": ("voc2007",)}.get(args.dataset, ("coco",))
             missing = [f"--{n}" for n in need if not getattr(args, n)]
             if missing:
                 raise ConfigError(f"prepare {args.dataset} needs {' and '.join(missing)}")
