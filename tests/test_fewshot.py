@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from cimlic.config import load_config
+from cimlic.data.glyphs import build_world
 from cimlic.data.labels import read_classes, read_label_list, write_label_list
 from cimlic.data.splits import build_fewshot_episode, split_base_novel
-from cimlic.demo import build_world
 from cimlic.fewshot import format_fewshot, run_fewshot
 
 

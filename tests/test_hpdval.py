@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from cimlic import checkpoint as ckpt
 from cimlic.cli import main
 from cimlic.config import Config, HPDVALConfig, LossConfig, ModelConfig, to_dict
-from cimlic.demo import build_world
+from cimlic.data.glyphs import build_world
 from cimlic.losses import build_loss
 from cimlic.models import build_model
 from cimlic.models.hpdval import HPDVAL, dual_view_scores, fuse_views, l1_distance, topk_mean

@@ -17,7 +17,7 @@ import yaml
 
 from cimlic import plots
 from cimlic.cli import main
-from cimlic.demo import build_world
+from cimlic.data.glyphs import build_world
 from cimlic.report import ReportError, load_published, read_run, write_report
 
 LOSSES = ("asl", "bce")

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from cimlic.cli import main
+from cimlic.data.glyphs import build_world
 from cimlic.data.labels import read_classes, read_label_list
-from cimlic.demo import build_world
 from cimlic.models import list_models
 
 

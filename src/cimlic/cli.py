@@ -206,7 +206,7 @@ def _rank() -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from cimlic.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seed=args.seed)
+    run_demo(Path(args.out), quick=args.quick, seed=args.seed, clip_dir=Path(args.clip_dir))
     return 0
 
 
@@ -235,7 +235,8 @@ def cmd_pretrain_digits(args: argparse.Namespace) -> int:
     path = pretrain_digits(args.out, seed=args.seed, recipe=recipe, arch=args.arch, command=command, force=args.force)
     meta = json.loads(path.with_suffix(".json").read_text())
     print(f"checkpoint: {path}{' (found in the cache)' if cached else ''}")
-    print(f"final loss {meta['final_loss']:.4f} after {len(meta['losses'])} steps ({meta['seconds']} s); "
+    print(f"final loss {meta['final_loss']:.4f} (mean of the last 20 steps) after {len(meta['losses'])} steps "
+          f"({meta['seconds']} s); "
           f"use model.clip_arch={meta['arch']} model.clip_checkpoint={path}")  # fmt: skip
     return 0
 
@@ -366,9 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--force", action="store_true", help="train even if the cached checkpoint exists")
     pt.set_defaults(func=cmd_pretrain_digits)
 
-    de = sub.add_parser("demo", help="a short end-to-end run on generated data")
+    de = sub.add_parser("demo", help="every method on the Digits world, with a report (make demo)")
     de.add_argument("--out", default="runs/demo")
-    de.add_argument("--quick", action="store_true")
+    de.add_argument("--quick", action="store_true", help="a 2-minute version (tiny pre-training, 2 epochs)")
+    de.add_argument("--clip-dir", default="checkpoints/digits", help="where the pre-trained tiny CLIP is cached")
     de.add_argument("--seed", type=int, default=0)
     de.set_defaults(func=cmd_demo)
     return p
