@@ -119,13 +119,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------ train / eval
-def cmd_train(args: argparse.Namespace) -> int:
+def _config_and_run_dir(args: argparse.Namespace):
+    """The config (file + --set overrides) and the run folder (--run-dir, default runs/<name>)."""
     from cimlic.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    return cfg, Path(args.run_dir or Path("runs") / cfg.name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from cimlic.metrics import format_table
     from cimlic.runner import train_run
 
-    cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    cfg, run_dir = _config_and_run_dir(args)
     result = train_run(cfg, run_dir, resume=args.resume)
     if _rank() == 0:
         print(format_table(result))
@@ -176,11 +182,9 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    from cimlic.config import load_config
     from cimlic.fewshot import format_fewshot, run_fewshot
 
-    cfg = load_config(args.config, args.set)
-    run_dir = Path(args.run_dir or Path("runs") / cfg.name)
+    cfg, run_dir = _config_and_run_dir(args)
     summary = run_fewshot(cfg, run_dir, resume=args.resume)
     if _rank() == 0:
         print(format_fewshot(summary))
