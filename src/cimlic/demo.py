@@ -22,14 +22,15 @@ from cimlic.config import Config, apply_override, from_dict
 logger = logging.getLogger(__name__)
 
 # Method name -> config overrides on top of the world's data section and the pre-trained tiny CLIP.
-# Optimisation is scaled to the tiny model (AdamW, a higher learning rate than the papers' ViT-B/16 settings).
+# Optimisation is scaled to the tiny model (AdamW, a higher learning rate than the papers' ViT-B/16 settings);
+# prompt contexts start from "a photo of a" (CoOp's word init), which the tiny model needs to beat zero-shot.
 METHODS: dict[str, list[str]] = {
     "zeroshot": ["model.name=zeroshot"],
     "linear_probe": ["model.name=linear_probe", "loss.name=asl", "train.lr=5e-3"],
-    "coop": ["model.name=coop", "model.n_ctx=4", "loss.name=asl", "train.lr=5e-3"],
-    "coop+db": ["model.name=coop", "model.n_ctx=4", "loss.name=db", "train.lr=5e-3"],
+    "coop": ["model.name=coop", "model.ctx_init=a photo of a", "loss.name=asl", "train.lr=5e-3"],
+    "coop+db": ["model.name=coop", "model.ctx_init=a photo of a", "loss.name=db", "train.lr=5e-3"],
     "dualcoop": ["model.name=dualcoop", "model.n_ctx=4", "model.n_ctx_neg=4", "loss.name=asl", "train.lr=5e-3"],
-    "lmpt": ["model.name=lmpt", "model.n_ctx=4", "loss.name=lmpt", "train.lr=5e-3"],
+    "lmpt": ["model.name=lmpt", "model.ctx_init=a photo of a", "loss.name=lmpt", "train.lr=5e-3"],
     "hpdval": ["model.name=hpdval", "loss.name=db_star", "train.lr=3e-4", "model.hpdval.topk=8",
                "model.hpdval.stage2_lr=5e-3"],
 }  # fmt: skip
