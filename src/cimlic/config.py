@@ -148,6 +148,46 @@ class HPDVALConfig:
 
 
 @dataclass
+class DiversityConfig:
+    enabled: bool = False  # GE/FD diversity enhancement over the C category tokens (CPRFL, TRM-ML) [our design]
+    heads: int = 4  # attention heads of the cross-category self-attention (must divide the token width)
+    dropout: float = 0.1  # dropout on the attention output before the residual connection
+
+
+@dataclass
+class CPRFLConfig:
+    backbone: str = "clip"  # "clip" (trainable copy of CLIP's image trunk) or a torchvision/timm name (resnet101, ...)
+    backbone_weights: str = ""  # torchvision/timm: local ImageNet weights file, "imagenet" (online only), "" = random
+    freeze_backbone: bool = False  # keep the visual backbone frozen (only phi, PI, VSI train)
+    dim: int = 0  # width d of the visual tokens F and the prompts P (0 = the backbone's feature width)
+    pi_hidden: int = 0  # hidden width of the PI MLP (0 = d / 2, the paper)
+    heads: int = 8  # attention heads of the VSI layer (must divide d)
+    ffn: int = 2048  # feed-forward width of the VSI layer
+    vsi_residual: bool = False  # residual connections in the VSI layer (the authors' code has none)
+    vsi_dropout: float = 0.1  # dropout inside the VSI layer
+    prompt_template: str = "a photo of a {}."  # text of the PI input W (CLIP text embeddings, computed once)
+    train_text: bool = False  # trainable CLIP text tower (released code) instead of frozen (paper)
+    vsi_path: bool = True  # gradient reaches P through the VSI layer (False = P detached at the VSI input)
+    dot_path: bool = True  # gradient reaches P through the final dot product (False = P detached there)
+
+
+@dataclass
+class TRMMLConfig:
+    dim: int = 0  # width of the category queries / attention (0 = CLIP's embedding width)
+    heads: int = 4  # heads of the cross-attention block
+    mlp_ratio: float = 2.0  # hidden width of the small MLP after the cross-attention, times dim
+    dropout: float = 0.1  # dropout in the cross-attention block
+    logit_scale: float = 0.0  # s in z_c = s cos(r_c, t_c); 0 = CLIP's logit scale
+    contrastive_weight: float = 1.0  # weight of the multimodal contrastive loss
+    contrastive_temp: float = 0.07  # InfoNCE temperature
+    proto_momentum: float = 0.9  # EMA momentum of the visual prototypes
+    pseudo_labels: bool = True  # fill unknown entries with prototype pseudo-labels after the warm-up
+    warmup_epochs: int = 1  # epochs before pseudo-labelling starts
+    pos_quantile: float = 0.9  # pseudo-positive: q >= this quantile of the class's known-positive q
+    neg_quantile: float = 0.1  # pseudo-negative: q < this quantile of the class's known-positive q
+
+
+@dataclass
 class ModelConfig:
     name: str = "zeroshot"  # one of cimlic.models.list_models()
     clip_arch: str = "RN50"  # open_clip architecture (OpenAI checkpoints load as "<arch>-quickgelu")
@@ -166,6 +206,9 @@ class ModelConfig:
     dropout: float = 0.0  # linear probe: dropout on the image feature
     probe_normalize: bool = True  # linear probe: L2-normalise the image feature first
     hpdval: HPDVALConfig = field(default_factory=HPDVALConfig)  # HP-DVAL (hpdval_stage1/_stage2/_joint)
+    cprfl: CPRFLConfig = field(default_factory=CPRFLConfig)  # CPRFL (model.name=cprfl)
+    trmml: TRMMLConfig = field(default_factory=TRMMLConfig)  # TRM-ML (model.name=trmml)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)  # GE/FD diversity module (CPRFL, TRM-ML)
 
 
 @dataclass

@@ -92,6 +92,9 @@ class Trainer:
         cfg: the experiment config.
         model: ``forward(batch) -> {"logits": (B, C), "loss_inputs"?: {name: tensor}, "aux_losses"?: {name: scalar}}``;
             frozen parts have ``requires_grad=False`` (frozen CLIP under ``model.clip`` is kept in eval mode).
+            Optional: ``out["targets"]`` (B, C) replaces the batch targets in the loss (pseudo-labels);
+            ``model.set_epoch(epoch)`` is called before each training epoch and ``model.epoch_stats() -> {name: float}``
+            after it (logged to metrics.jsonl with ``"split": "train"`` and to log.txt).
         loss_fn: ``loss_fn(logits, targets, **loss_inputs) -> scalar``; its state_dict is part of the resume state.
         train_set: training items ``{"image" or features, "target": (C,), "index"}``.
         val_set: model-selection split, or None (then the last epoch is selected).
@@ -193,7 +196,8 @@ class Trainer:
         with self._autocast():
             out = self.net(batch)
         logits = out["logits"].float()  # (B, C); losses run in fp32
-        parts = {"loss_main": self.loss_fn(logits, batch["target"], **out.get("loss_inputs", {}))}
+        targets = out.get("targets", batch["target"])  # (B, C): the model may fill unknowns (pseudo-labels)
+        parts = {"loss_main": self.loss_fn(logits, targets, **out.get("loss_inputs", {}))}
         parts.update({f"loss_{k}": v.float() for k, v in out.get("aux_losses", {}).items()})
         loss = torch.stack(list(parts.values())).sum()
         logged = {f"loss_{k}": v for k, v in getattr(self.loss_fn, "last_parts", {}).items()}  # e.g. LMPT's db/cse
@@ -241,6 +245,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self.net.train()
         self.loss_fn.train()
+        if hasattr(self.model, "set_epoch"):
+            self.model.set_epoch(epoch)  # e.g. TRM-ML's pseudo-label warm-up
         clip = getattr(self.model, "clip", None)
         for m in clip.modules() if isinstance(clip, nn.Module) else []:
             if not any(p.requires_grad for p in m.parameters(recurse=False)):
@@ -310,6 +316,11 @@ class Trainer:
         self.epoch, split = done, self.cfg.eval.select_on
         dataset, last = self.datasets[split], done >= self.cfg.train.epochs or self.step >= self.total_steps
         metrics = None
+        stats = self.model.epoch_stats() if hasattr(self.model, "epoch_stats") and not force else {}
+        if stats:  # the model's own counters of the epoch (e.g. pseudo-labels made / right)
+            self._write_jsonl({"step": self.step, "epoch": done, "split": "train", **stats})
+            if self.rank == 0:
+                logger.info("epoch %d train: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         if dataset is not None and (force or last or done % max(1, self.cfg.train.eval_every) == 0):
             metrics = self.evaluate(dataset, split)
             self._write_jsonl({"step": self.step, "epoch": done, "split": split, **_summary(metrics)})

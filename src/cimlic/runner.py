@@ -35,6 +35,7 @@ class Splits:
     test: LabelSet | None
     classnames: list[str]
     group_counts: np.ndarray
+    train_true: LabelSet | None = None  # with data.partial_mask: the unmasked labels of ``train`` (logging only)
 
 
 def carve_validation(labels: LabelSet, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -73,24 +74,26 @@ def load_splits(cfg: Config) -> Splits:
         raise ConfigError("data.classes and data.train_labels must be set (see configs/ and `cimlic prepare`)")
     classnames = read_classes(d.classes)
     full = read_label_list(d.train_labels, classnames)
+    true = None
     if d.partial_mask:
         masked = read_label_list(d.partial_mask, classnames)
         if masked.ids != full.ids:
             raise ConfigError(
                 f"{d.partial_mask}: ids differ from {d.train_labels} (a partial list must keep its order)"
             )
-        full = LabelSet(full.ids, masked.targets, classnames, source=str(d.partial_mask))
+        true, full = full, LabelSet(full.ids, masked.targets, classnames, source=str(d.partial_mask))
     group_counts = full.class_counts()
     if d.val_labels:
         train, val = full, read_label_list(d.val_labels, classnames)
     elif d.val_fraction > 0:
         tr, va = carve_validation(full, d.val_fraction, cfg.seed)
         train, val = full.subset(tr), full.subset(va)
+        true = true.subset(tr) if true is not None else None
         logger.info("validation split carved from training: %d train / %d val images", len(tr), len(va))
     else:
         train, val = full, None
     test = read_label_list(d.test_labels, classnames) if d.test_labels else None
-    return Splits(train, val, test, classnames, group_counts)
+    return Splits(train, val, test, classnames, group_counts, true)
 
 
 def _image_root(cfg: Config, split: str) -> Path:
@@ -156,8 +159,29 @@ def build_datasets(
                 feats = load_or_compute(model.image_features, tower, ds, cfg.train.cache_dir, device=device,
                                         batch_size=max(cfg.train.batch_size, 64), required=need)  # fmt: skip
             ds = CachedFeatureDataset(feats, ds.targets)
+        if split == "train" and splits.train_true is not None:
+            ds = TrueTargetDataset(ds, torch.as_tensor(splits.train_true.targets, dtype=torch.float32))
         out[split] = ds
     return out
+
+
+class TrueTargetDataset(Dataset):
+    """Adds ``"true_target": (C,)``, the hidden unmasked labels, to every item of ``base`` (partial-label runs).
+
+    Only for logging how many pseudo-labels are right; nothing trains on it.
+    """
+
+    def __init__(self, base: Dataset, true_targets: torch.Tensor) -> None:
+        if len(base) != true_targets.shape[0]:
+            raise ValueError(f"{len(base)} items but {true_targets.shape[0]} true label rows")
+        self.base, self.true_targets = base, true_targets
+        self.targets = getattr(base, "targets", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.base[index] | {"true_target": self.true_targets[index]}
 
 
 # ------------------------------------------------------------------------------------------ captions

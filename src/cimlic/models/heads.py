@@ -1,4 +1,4 @@
-"""Heads on a frozen CLIP image tower: the shared model base, zero-shot CLIP, the linear probe, DualCoOp aggregation.
+"""Heads: the frozen-CLIP model base, zero-shot CLIP, linear probe, DualCoOp aggregation, GE/FD diversity module.
 
 Model contract (DESIGN.md): ``forward(batch) -> {"logits": (B, C), ...}``. A batch holds ``"image"`` (B, 3, H, W)
 or cached frozen features ``"feat_global"`` (B, D) (+ ``"feat_local"`` (B, N, D) when ``needs_local_features``);
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cimlic.config import DiversityConfig
 from cimlic.models.clip import ClipModel
 
 logger = logging.getLogger(__name__)
@@ -111,3 +112,39 @@ def dualcoop_aggregate(s_pos: Tensor, s_neg: Tensor, tau_s: float | Tensor, tau:
     """
     a = torch.softmax(tau_s * s_pos, dim=1)  # (B, N, C): spatial weights per class
     return tau * (a * s_pos).sum(dim=1) - tau * (a * s_neg).sum(dim=1)  # (B, C)
+
+
+class DiversityModule(nn.Module):
+    """GE/FD diversity enhancement **[our design]** (Chen et al., IEEE TMM 2025, only the abstract is public).
+
+    The C category-specific features pass through one self-attention layer *across categories*, with a residual
+    connection and dropout, so that tail-class features borrow information from all categories:
+    x' = x + Dropout(MHA(LN(x), LN(x), LN(x))). The output projection starts at zero, so a freshly added module is
+    the identity and switching it on does not disturb the model it is inserted into.
+
+    Args:
+        dim: token width D.
+        heads: attention heads (must divide ``dim``).
+        dropout: dropout on the attention output before the residual.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"diversity module: heads ({heads}) must divide the token width ({dim})")
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, D) category features -> (B, C, D)."""
+        h = self.norm(x)
+        mixed, _ = self.attn(h, h, h, need_weights=False)  # (B, C, D): every category attends to all
+        return x + self.dropout(mixed)
+
+
+def build_diversity(cfg: DiversityConfig, dim: int) -> nn.Module:
+    """``DiversityModule`` when ``cfg.enabled`` (a ``DiversityConfig``), else the identity (the ablation switch)."""
+    return DiversityModule(dim, cfg.heads, cfg.dropout) if cfg.enabled else nn.Identity()
