@@ -118,7 +118,15 @@ def image_dataset(cfg: Config, labels: LabelSet, split: str, transform) -> Multi
 
 
 def model_transform(model: torch.nn.Module, cfg: Config, train: bool):
-    """The image transform for ``model``: its CLIP tower's size and normalisation, else the data config's size."""
+    """The image transform for ``model``.
+
+    ``model.input_spec`` ``(size, mean, std)`` when the model has one (e.g. CPRFL on an ImageNet backbone), else its
+    CLIP tower's size and normalisation, else the data config's size.
+    """
+    spec = getattr(model, "input_spec", None)
+    if spec is not None:
+        size, mean, std = spec
+        return default_transform(int(size), train=train, mean=tuple(mean), std=tuple(std))
     clip = getattr(model, "clip", None)
     if clip is None:
         return default_transform(cfg.data.image_size, train=train)
