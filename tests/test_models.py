@@ -52,9 +52,11 @@ def test_forward_and_cache_equivalence(name, arch):
         cached = model({f"feat_{k}": v for k, v in feats.items()})["logits"]
     assert logits.shape == (3, len(CLASSES)) and torch.isfinite(logits).all()
     torch.testing.assert_close(cached, logits, rtol=0, atol=1e-6)
-    assert model.uses_frozen_image_tower is (name not in {"hpdval_stage1", "hpdval_joint"})  # those train the tower
+    trains_tower = {"hpdval_stage1", "hpdval_joint", "cprfl"}  # those train the image tower (cprfl: by default)
+    assert model.uses_frozen_image_tower is (name not in trains_tower)
     assert ("local" in feats) == model.needs_local_features
-    assert feats["global"].shape == (3, model.clip.embed_dim)
+    if name != "cprfl":  # CPRFL's features have the backbone's width, not CLIP's embedding width
+        assert feats["global"].shape == (3, model.clip.embed_dim)
     model.train()
     assert not any(m.training for m in model.clip.modules())
 
@@ -67,8 +69,10 @@ def test_trainable_parameters_and_gradients(name):
         assert trainable == EXPECTED_TRAINABLE[name]
     assert not any(n.startswith("clip.") for n in trainable)
     assert not any(p.requires_grad for p in model.clip.parameters())
-    # checkpoints hold exactly the trainable tensors once CLIP's are left out (derived buffers are not persistent)
-    assert {k for k in model.state_dict() if not k.startswith("clip.")} == trainable
+    # checkpoints hold exactly the trainable tensors once CLIP's are left out (derived buffers are not persistent),
+    # plus the training state a model declares in ``state_buffers`` (TRM-ML's prototypes and thresholds)
+    state = set(getattr(model, "state_buffers", ()))
+    assert {k for k in model.state_dict() if not k.startswith("clip.")} == trainable | state
     out = model({"image": _images(model)})
     if not trainable:
         assert not out["logits"].requires_grad

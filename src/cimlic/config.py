@@ -158,10 +158,12 @@ class DiversityConfig:
 class CPRFLConfig:
     backbone: str = "clip"  # "clip" (trainable copy of CLIP's image trunk) or a torchvision/timm name (resnet101, ...)
     backbone_weights: str = ""  # torchvision/timm: local ImageNet weights file, "imagenet" (online only), "" = random
+    image_size: int = 0  # square input size of the backbone; 0 = CLIP's for backbone=clip, else 448 (the paper)
     freeze_backbone: bool = False  # keep the visual backbone frozen (only phi, PI, VSI train)
     dim: int = 0  # width d of the visual tokens F and the prompts P (0 = the backbone's feature width)
     pi_hidden: int = 0  # hidden width of the PI MLP (0 = d / 2, the paper)
     heads: int = 8  # attention heads of the VSI layer (must divide d)
+    head_dim: int = 0  # width of each VSI attention head (0 = d / heads, then heads must divide d; authors' code: 512)
     ffn: int = 2048  # feed-forward width of the VSI layer
     vsi_residual: bool = False  # residual connections in the VSI layer (the authors' code has none)
     vsi_dropout: float = 0.1  # dropout inside the VSI layer

@@ -13,9 +13,11 @@ from torch import nn
 
 from cimlic.config import ModelConfig
 from cimlic.models.clip import ClipError, ClipModel, load_clip
+from cimlic.models.cprfl import build_cprfl
 from cimlic.models.heads import FrozenClipModel, LinearProbe, ZeroShotCLIP
 from cimlic.models.hpdval import HPDVAL
 from cimlic.models.prompts import LMPT, CoOp, DualCoOp, PromptLearner
+from cimlic.models.trmml import build_trmml
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,14 @@ def _hpdval_joint(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> n
     return HPDVAL(clip, classnames, "joint", cfg.hpdval, cfg.templates)
 
 
+def _cprfl(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
+    return build_cprfl(cfg, classnames, clip)
+
+
+def _trmml(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
+    return build_trmml(cfg, classnames, clip)
+
+
 _BUILDERS: dict[str, Callable[[ModelConfig, list[str], ClipModel], nn.Module]] = {
     "zeroshot": _zeroshot,
     "linear_probe": _linear_probe,
@@ -81,6 +91,8 @@ _BUILDERS: dict[str, Callable[[ModelConfig, list[str], ClipModel], nn.Module]] =
     "hpdval_stage1": _hpdval_stage1,
     "hpdval_stage2": _hpdval_stage2,
     "hpdval_joint": _hpdval_joint,
+    "cprfl": _cprfl,
+    "trmml": _trmml,
 }
 
 
