@@ -68,6 +68,9 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("dim", [0, 32])
 def test_shapes_and_gradients(dim):
     model = _build(dim=dim).train()
+    torch.testing.assert_close(model.mlp[-1].weight, torch.zeros_like(model.mlp[-1].weight))  # starts as pooling
+    with torch.no_grad():  # as after some training, so every parameter of the MLP is on the gradient's path
+        model.mlp[-1].weight.normal_(std=0.02)
     feats = _feats(model)
     target, _ = _targets(6, seed=1)
     out = model({**feats, "target": target})
@@ -404,3 +407,27 @@ def test_train_with_missing_labels_end_to_end_and_resume(world, tmp_path):
     a, b = (torch.load(r / "state.pt", weights_only=True)["model"] for r in (run, half))
     assert a.keys() == b.keys() and {"visual_proto", "pos_threshold", "threshold_ready"} <= a.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_regions_start_as_attention_pooling_of_clip_tokens():
+    """At initialisation (dim = E) r_c is a convex mix of the local tokens, so it lies in CLIP's joint space."""
+    model = _build().eval()
+    local = _feats(model, n=2)["feat_local"]  # (2, N, E)
+    with torch.no_grad():
+        regions = model.regions(local)  # (2, C, E)
+        q = model.q_norm(model.queries)  # (C, E)
+        k = F.linear(model.kv_norm(local), *_qk(model, "k"))  # (2, N, E)
+        qh = F.linear(q, *_qk(model, "q"))  # (C, E)
+    heads, e = model.attn.num_heads, local.shape[-1]
+    d = e // heads
+    scores = torch.einsum("chd,bnhd->bhcn", qh.view(-1, heads, d), k.view(2, -1, heads, d)) / d**0.5
+    weights = scores.softmax(dim=-1)  # (2, heads, C, N)
+    expected = torch.einsum("bhcn,bnhd->bchd", weights, local.view(2, -1, heads, d)).reshape(2, -1, e)
+    torch.testing.assert_close(regions, expected, rtol=1e-4, atol=1e-5)
+
+
+def _qk(model, which: str):
+    """(weight, bias) of the query or key projection of the cross-attention."""
+    e = model.attn.embed_dim
+    i = {"q": 0, "k": 1}[which]
+    return model.attn.in_proj_weight[i * e : (i + 1) * e], model.attn.in_proj_bias[i * e : (i + 1) * e]

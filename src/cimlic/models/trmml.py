@@ -3,7 +3,13 @@
 **[our design from the paper's description]** throughout; the choices the paper leaves open are marked [our design]:
 
 - Frozen CLIP image and text towers. Trainable: C category queries (C, d), one pre-norm cross-attention block
-  (queries attend over the dense local tokens; residual, dropout) and a small MLP (hidden ``mlp_ratio * d``).
+  (queries attend over the dense local tokens; dropout) and a small residual MLP (hidden ``mlp_ratio * d``).
+- Region features are visual [our design]: keys come from the layer-normalised tokens, values from the tokens as
+  they are, and the residual connections run around the region feature, not around the query, so
+  r_c = a + MLP(LN(a)) with a = the attention output. The value and output projections start at the identity and
+  the MLP's last layer at zero, so at initialisation r_c is an attention-weighted average of CLIP's local tokens
+  (a point of CLIP's joint space: with a mean-pooled tower and near-uniform attention, its global feature) and
+  z_c starts close to a zero-shot score; training then learns where each category looks.
 - Queries start at the class text features t_c. [our design] When ``dim`` d differs from CLIP's embedding width E, a
   linear map E -> d is applied to the local tokens, the queries start at that (freshly initialised) map applied to
   t_c, and a linear map d -> E brings the region features back to CLIP's space.
@@ -140,6 +146,13 @@ class TRMML(FrozenClipModel):
         self.attn = nn.MultiheadAttention(dim, cfg.heads, dropout=cfg.dropout, batch_first=True)
         hidden = max(1, round(cfg.mlp_ratio * dim))
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(hidden, dim))
+        with torch.no_grad():  # start as attention pooling of CLIP's own tokens (see the module docstring)
+            self.attn.in_proj_weight[2 * dim :].copy_(torch.eye(dim))
+            self.attn.in_proj_bias[2 * dim :].zero_()
+            self.attn.out_proj.weight.copy_(torch.eye(dim))
+            self.attn.out_proj.bias.zero_()
+            self.mlp[-1].weight.zero_()
+            self.mlp[-1].bias.zero_()
         self.drop = nn.Dropout(cfg.dropout)
         self.out_proj = nn.Linear(dim, embed) if dim != embed else nn.Identity()  # region features d -> E
         self.diversity = build_diversity(diversity, embed)
@@ -159,11 +172,11 @@ class TRMML(FrozenClipModel):
     # ------------------------------------------------------------------------------------ forward
     def regions(self, local: Tensor) -> Tensor:
         """Category-aware region features r (B, C, E) from local tokens (B, N, E)."""
-        tokens = self.kv_norm(self.token_proj(local.to(self.queries.dtype)))  # (B, N, d)
+        tokens = self.token_proj(local.to(self.queries.dtype))  # (B, N, d)
         q = self.queries.unsqueeze(0).expand(local.shape[0], -1, -1)  # (B, C, d)
-        attended, _ = self.attn(self.q_norm(q), tokens, tokens, need_weights=False)  # (B, C, d)
-        h = q + self.drop(attended)
-        h = h + self.drop(self.mlp(self.mlp_norm(h)))  # (B, C, d)
+        # keys from the normalised tokens, values from the tokens themselves: r_c stays a mix of visual tokens
+        attended, _ = self.attn(self.q_norm(q), self.kv_norm(tokens), tokens, need_weights=False)  # (B, C, d)
+        h = attended + self.drop(self.mlp(self.mlp_norm(attended)))  # (B, C, d): residual on the region, not q
         return self.diversity(self.out_proj(h))  # (B, C, E)
 
     def match(self, regions: Tensor) -> Tensor:
