@@ -217,3 +217,20 @@ def test_linear_probe_dropout_and_normalisation():
     with torch.no_grad():
         got = model.eval()({"feat_global": feats})["logits"]
         torch.testing.assert_close(got, model.head(F.normalize(feats, dim=-1)))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linear_probe_zeroshot_init_equals_zeroshot(arch):
+    """probe_init=zeroshot: before training the probe's logits are zero-shot CLIP's, and it still trains."""
+    probe = _build("linear_probe", arch, probe_init="zeroshot").eval()
+    zeroshot = _build("zeroshot", arch).eval()
+    x = _images(probe)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            probe({"image": x})["logits"], zeroshot({"image": x})["logits"], rtol=1e-5, atol=1e-5
+        )
+    assert probe.head.weight.requires_grad
+    random = _build("linear_probe", arch)
+    assert not torch.allclose(random.head.weight, probe.head.weight)
+    with pytest.raises(ValueError, match="do not fit the probe"):
+        probe.init_from_text(torch.randn(2, probe.head.weight.shape[1]))

@@ -207,6 +207,7 @@ class ModelConfig:
     learn_temps: bool = False  # DualCoOp: learn tau_s and tau
     dropout: float = 0.0  # linear probe: dropout on the image feature
     probe_normalize: bool = True  # linear probe: L2-normalise the image feature first
+    probe_init: Literal["random", "zeroshot"] = "random"  # linear probe: start from PyTorch's init or zero-shot CLIP
     hpdval: HPDVALConfig = field(default_factory=HPDVALConfig)  # HP-DVAL (hpdval_stage1/_stage2/_joint)
     cprfl: CPRFLConfig = field(default_factory=CPRFLConfig)  # CPRFL (model.name=cprfl)
     trmml: TRMMLConfig = field(default_factory=TRMMLConfig)  # TRM-ML (model.name=trmml)

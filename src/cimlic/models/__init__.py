@@ -14,7 +14,7 @@ from torch import nn
 from cimlic.config import ModelConfig
 from cimlic.models.clip import ClipError, ClipModel, load_clip
 from cimlic.models.cprfl import build_cprfl
-from cimlic.models.heads import FrozenClipModel, LinearProbe, ZeroShotCLIP
+from cimlic.models.heads import FrozenClipModel, LinearProbe, ZeroShotCLIP, class_text_features
 from cimlic.models.hpdval import HPDVAL
 from cimlic.models.prompts import LMPT, CoOp, DualCoOp, PromptLearner
 from cimlic.models.trmml import build_trmml
@@ -43,7 +43,10 @@ def _zeroshot(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Mo
 
 
 def _linear_probe(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return LinearProbe(clip, len(classnames), normalize=cfg.probe_normalize, dropout=cfg.dropout)
+    probe = LinearProbe(clip, len(classnames), normalize=cfg.probe_normalize, dropout=cfg.dropout)
+    if cfg.probe_init == "zeroshot":
+        probe.init_from_text(class_text_features(clip, classnames, cfg.templates))
+    return probe
 
 
 def _coop(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:

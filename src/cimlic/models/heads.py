@@ -97,6 +97,21 @@ class LinearProbe(FrozenClipModel):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(clip.embed_dim, num_classes)
 
+    @torch.no_grad()
+    def init_from_text(self, text_features: Tensor) -> None:
+        """Start at zero-shot CLIP: weight = s * t_c (normalised class text features (C, D)), bias 0.
+
+        With ``normalize`` the initial logits are exactly zero-shot CLIP's s * cos(f, t_c); training then moves the
+        classifier away from that prior only as far as the data asks (the tail keeps the text prior, the head adapts).
+        """
+        if text_features.shape != self.head.weight.shape:
+            raise ValueError(
+                f"text features {tuple(text_features.shape)} do not fit the probe {tuple(self.head.weight.shape)}"
+            )
+        scale = float(self.clip.logit_scale)
+        self.head.weight.copy_(scale * F.normalize(text_features.float(), dim=-1))
+        self.head.bias.zero_()
+
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         f = self.batch_features(batch)["global"]  # (B, D)
         if self.normalize:
