@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.modified_resnet import ModifiedResNet
-from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
-from cimlic.models.clip import ClipModel
+from cimlic.models.clip import ClipError, ClipModel, make_trunk, trunk_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +68,9 @@ class Backbone(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, N, d0)."""
-        t = self.trunk
-        if self.kind == "clip_vit":  # open_clip internals: what clip.dense_image_features does, minus proj
-            x = t.transformer(t._embeds(images))  # (B, 1 + N, W)
-            return t.ln_post(x[:, 1:])  # (B, N, W): patch tokens
-        if self.kind == "clip_rn":
-            x = t.stem(images)
-            x = t.layer4(t.layer3(t.layer2(t.layer1(x))))  # (B, d0, h, w)
-        else:
-            x = t(images)
+        if self.kind in ("clip_vit", "clip_rn"):
+            return trunk_tokens(self.trunk, self.kind, images)  # (B, N, d0)
+        x = self.trunk(images)
         if x.ndim == 4:
             return x.flatten(2).transpose(1, 2)  # (B, h*w, d0)
         return x[:, self.prefix_tokens :]  # (B, N, d0): token models
@@ -153,18 +145,13 @@ def _clip_backbone(clip: ClipModel, weights: str, image_size: int) -> Backbone:
     visual = copy.deepcopy(clip.model.visual).requires_grad_(True)  # own weights, never CLIP's
     size = image_size or clip.image_size
     spec = (size, tuple(clip.image_mean), tuple(clip.image_std))
-    if isinstance(visual, VisionTransformer):
-        if visual.attn_pool is not None:
-            raise ValueError("backbone 'clip': ViT towers with an attentional pooler are not supported")
-        if size != clip.image_size:
-            raise ValueError(f"backbone 'clip': this ViT takes {clip.image_size} px images (got image_size {size})")
-        visual.proj = None  # unused: phi maps the tokens (and an unused parameter would get no gradient)
-        return Backbone(visual, "clip_vit", visual.ln_post.normalized_shape[0], spec)
-    if isinstance(visual, ModifiedResNet):
-        width = visual.attnpool.k_proj.in_features
-        del visual.attnpool  # the trunk ends at layer4
-        return Backbone(visual, "clip_rn", width, spec)
-    raise ValueError(f"backbone 'clip': unsupported CLIP image tower {type(visual).__name__} (ViT or ModifiedResNet)")
+    try:
+        kind, width = make_trunk(visual)
+    except ClipError as err:
+        raise ValueError(f"backbone 'clip': {err}") from None
+    if kind == "clip_vit" and size != clip.image_size:
+        raise ValueError(f"backbone 'clip': this ViT takes {clip.image_size} px images (got image_size {size})")
+    return Backbone(visual, kind, width, spec)
 
 
 def _torchvision_trunk(name: str, model: nn.Module) -> nn.Module:

@@ -405,3 +405,32 @@ def _dense_resnet(visual: ModifiedResNet, images: Tensor) -> dict[str, Tensor]:
     tokens = tokens + pool.positional_embedding[1:].to(tokens.dtype)  # spatial positions (index 0 = mean token)
     local = pool.c_proj(pool.v_proj(tokens))  # (B, h*w, D)
     return {"global": pooled, "local": local}
+
+
+# ------------------------------------------------------------------------------------ trainable trunks
+def make_trunk(visual: nn.Module) -> tuple[str, int]:
+    """Turn a *copy* of an open_clip image tower into a token trunk in place; return (kind, token width).
+
+    ViT (``clip_vit``): the patch tokens after ``ln_post``; ``proj`` is removed. ModifiedResNet (``clip_rn``): the
+    ``layer4`` map; the attention pool is removed. Used by CPRFL's ``clip`` backbone (its own weights, never CLIP's).
+    """
+    if isinstance(visual, VisionTransformer):
+        if visual.attn_pool is not None:
+            raise ClipError("a CLIP trunk needs a class-token ViT (no attentional pooler)")
+        visual.proj = None  # unused by a trunk (and an unused parameter would get no gradient)
+        return "clip_vit", int(visual.ln_post.normalized_shape[0])
+    if isinstance(visual, ModifiedResNet):
+        width = int(visual.attnpool.k_proj.in_features)
+        del visual.attnpool  # the trunk ends at layer4
+        return "clip_rn", width
+    raise ClipError(f"unsupported CLIP image tower {type(visual).__name__} (ViT or ModifiedResNet)")
+
+
+def trunk_tokens(visual: nn.Module, kind: str, images: Tensor) -> Tensor:
+    """Tokens (B, N, W) of a trunk made by :func:`make_trunk` (ViT: patch tokens; ResNet: the flattened map)."""
+    if kind == "clip_vit":
+        x = visual.transformer(visual._embeds(images))  # (B, 1 + N, W)
+        return visual.ln_post(x[:, 1:])  # (B, N, W)
+    x = visual.stem(images)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))  # (B, W, h, w)
+    return x.flatten(2).transpose(1, 2)  # (B, h*w, W)
