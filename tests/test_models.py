@@ -73,6 +73,8 @@ def test_trainable_parameters_and_gradients(name):
     # plus the training state a model declares in ``state_buffers`` (TRM-ML's prototypes and thresholds)
     state = set(getattr(model, "state_buffers", ()))
     assert {k for k in model.state_dict() if not k.startswith("clip.")} == trainable | state
+    if name == "trmml":  # its MLP's last layer starts at zero (pure attention pooling): as after some training
+        torch.nn.init.normal_(model.mlp[-1].weight, std=0.02)
     out = model({"image": _images(model)})
     if not trainable:
         assert not out["logits"].requires_grad

@@ -208,9 +208,12 @@ def _rank() -> int:
 
 # ------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cimlic.demo import run_demo
+    from cimlic.demo import run_demo, run_seeds
 
-    run_demo(Path(args.out), quick=args.quick, seed=args.seed, clip_dir=Path(args.clip_dir))
+    if args.seeds:
+        run_seeds(Path(args.out), args.seeds, quick=args.quick, clip_dir=Path(args.clip_dir), clip_seed=args.clip_seed)
+    else:
+        run_demo(Path(args.out), args.quick, args.seed, clip_dir=Path(args.clip_dir), clip_seed=args.clip_seed)
     return 0
 
 
@@ -375,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--quick", action="store_true", help="a 2-minute version (tiny pre-training, 2 epochs)")
     de.add_argument("--clip-dir", default="checkpoints/digits", help="where the pre-trained tiny CLIP is cached")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--seed", type=int, default=0, help="world and training seed")
+    de.add_argument("--clip-seed", type=int, default=0, help="pre-training seed of the tiny CLIP (kept fixed: 0)")
+    de.add_argument("--seeds", type=int, nargs="+", help="several seeds into OUT/seed_N, then mean ± std (seeds.json)")
     de.set_defaults(func=cmd_demo)
     return p
 

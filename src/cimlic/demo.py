@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import yaml
 from tqdm import tqdm
 
@@ -70,10 +72,18 @@ def demo_config(
     return cfg
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0, clip_dir: Path = Path("checkpoints/digits")) -> dict:
+def run_demo(
+    out: Path,
+    quick: bool = False,
+    seed: int = 0,
+    clip_dir: Path = Path("checkpoints/digits"),
+    clip_seed: int = 0,
+) -> dict:
     """Build or reuse the world and the tiny CLIP, train every method, print the table, write the report.
 
-    The tiny CLIP is the one ``cimlic pretrain-digits`` writes to ``clip_dir`` (cached by recipe and seed).
+    The tiny CLIP is the one ``cimlic pretrain-digits --seed clip_seed`` writes to ``clip_dir`` (cached by recipe and
+    seed). It plays the part of the public CLIP checkpoint of the real benchmarks, so by default it stays the same
+    (``clip_seed`` 0) while ``seed`` changes the world (labels, rendering, long tail) and every training run.
     """
     from cimlic.data.digits import build_digits_world
     from cimlic.metrics import format_table
@@ -87,8 +97,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, clip_dir: Path = Pat
         logger.info("building the Digits world in %s", world)
         build_digits_world(world, seed=seed)
     recipe = QUICK_RECIPE if quick else PretrainRecipe()
-    command = f"cimlic pretrain-digits --seed {seed}" + (" --quick" if quick else "")
-    checkpoint = pretrain_digits(clip_dir, seed=seed, recipe=recipe, command=command)
+    command = f"cimlic pretrain-digits --seed {clip_seed}" + (" --quick" if quick else "")
+    checkpoint = pretrain_digits(clip_dir, seed=clip_seed, recipe=recipe, command=command)
     arch = json.loads(checkpoint.with_suffix(".json").read_text())["arch"]
     results, runs = {}, []
     for method in tqdm(METHODS, desc="demo methods"):
@@ -103,7 +113,8 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, clip_dir: Path = Pat
     table = format_results(results)
     print(table)
     keys = ("map", "head", "medium", "tail", "var")
-    summary = {"seed": seed, "quick": quick, "seconds": round(time.time() - start, 1), "clip": str(checkpoint),
+    summary = {"seed": seed, "clip_seed": clip_seed, "quick": quick, "seconds": round(time.time() - start, 1),
+               "clip": str(checkpoint),
                "results": {m: {k: r.get(k) for k in keys} for m, r in results.items()}}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     report = write_report(runs, out / "report.html", title="cimlic demo: the Digits world")
@@ -119,4 +130,53 @@ def format_results(results: dict[str, dict]) -> str:
             f"{r[k]:>8.2f}" if r.get(k) is not None else f"{'-':>8}" for k in ("map", "head", "medium", "tail")
         )
         lines.append(f"{name:<16}{cells}")
+    return "\n".join(lines)
+
+
+def run_seeds(out: Path, seeds: Sequence[int], quick: bool = False, clip_dir: Path = Path("checkpoints/digits"),
+              clip_seed: int = 0) -> dict:  # fmt: skip
+    """``run_demo`` for each seed into ``<out>/seed_<s>``, then mean ± std (sample std, n−1) over the seeds.
+
+    Writes ``<out>/seeds.json`` and prints a method × (mAP, head, medium, tail) table of "mean ± std", plus the
+    gain of each method over zero-shot per group (the groups hold different classes in different worlds, so the
+    gain is the fair measure of how much harder the tail is to learn).
+    """
+    out = Path(out)
+    summaries = [run_demo(out / f"seed_{s}", quick, s, clip_dir, clip_seed) for s in seeds]
+    stats = seed_statistics([sm["results"] for sm in summaries])
+    record = {"seeds": list(seeds), "clip_seed": clip_seed, "quick": quick, "methods": stats}
+    (out / "seeds.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(format_seed_table(stats, len(seeds)))
+    print(f"wrote {out / 'seeds.json'}")
+    return record
+
+
+def seed_statistics(per_seed: Sequence[dict[str, dict]]) -> dict[str, dict]:
+    """{method: {key: [mean, std], "gain_<key>": [mean, std]}} over seeds; gain = method − zero-shot, same seed."""
+    keys = ("map", "head", "medium", "tail")
+    stats: dict[str, dict] = {}
+    for method in per_seed[0]:
+        entry = {}
+        for k in keys:
+            values = np.array([r[method][k] for r in per_seed if r[method].get(k) is not None], dtype=float)
+            entry[k] = [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+            if "zeroshot" in per_seed[0]:
+                gain = np.array([r[method][k] - r["zeroshot"][k] for r in per_seed], dtype=float)
+                entry[f"gain_{k}"] = [float(gain.mean()), float(gain.std(ddof=1)) if len(gain) > 1 else 0.0]
+        stats[method] = entry
+    return stats
+
+
+def format_seed_table(stats: dict[str, dict], n: int) -> str:
+    """Markdown table of mean ± std (and the mean gain over zero-shot) per method."""
+    lines = [f"| method ({n} seeds) | mAP | head | medium | tail | gain over zero-shot: mAP / head / medium / tail |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for method, e in stats.items():
+        cells = " | ".join(f"{e[k][0]:.2f} ± {e[k][1]:.2f}" for k in ("map", "head", "medium", "tail"))
+        gains = (
+            " / ".join(f"{e[f'gain_{k}'][0]:+.2f}" for k in ("map", "head", "medium", "tail"))
+            if "gain_map" in e
+            else "-"
+        )
+        lines.append(f"| {method} | {cells} | {gains} |")
     return "\n".join(lines)
