@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
 
 from cimlic.cli import main
-from cimlic.demo import METHODS
+from cimlic.demo import METHODS, format_seed_table, seed_statistics
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -25,3 +28,24 @@ def test_demo_quick(tmp_path, capsys):
     assert main(argv) == 0  # world, CLIP and finished runs are reused
     again = json.loads((out / "summary.json").read_text())
     assert again["results"] == summary["results"] and again["seconds"] < first
+
+
+def test_seed_statistics_by_hand():
+    """Mean, sample std (n−1) and the paired gain over zero-shot, from three made-up seeds."""
+    per_seed = [
+        {"zeroshot": {"map": 60.0, "head": 70.0, "medium": 60.0, "tail": 50.0},
+         "coop": {"map": 63.0, "head": 75.0, "medium": 61.0, "tail": 52.0}},
+        {"zeroshot": {"map": 62.0, "head": 72.0, "medium": 62.0, "tail": 52.0},
+         "coop": {"map": 64.0, "head": 74.0, "medium": 63.0, "tail": 55.0}},
+        {"zeroshot": {"map": 64.0, "head": 74.0, "medium": 64.0, "tail": 54.0},
+         "coop": {"map": 68.0, "head": 79.0, "medium": 65.0, "tail": 57.0}},
+    ]  # fmt: skip
+    stats = seed_statistics(per_seed)
+    assert stats["zeroshot"]["map"] == pytest.approx([62.0, 2.0])  # std of 60, 62, 64 with n−1 = 2
+    assert stats["coop"]["map"] == pytest.approx([65.0, math.sqrt(7.0)])  # deviations -2, -1, 3: 14 / 2
+    assert stats["coop"]["gain_map"] == pytest.approx([3.0, 1.0])  # gains 3, 2, 4
+    assert stats["zeroshot"]["gain_tail"] == pytest.approx([0.0, 0.0])
+    table = format_seed_table(stats, 3)
+    assert (
+        "| coop | 65.00 ± 2.65 |" in table and "+3.00 / +4.00 / +1.00 / +2.67" in table
+    )  # head gains 5, 2, 5; tail 2, 3, 3
