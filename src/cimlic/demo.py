@@ -38,7 +38,7 @@ METHODS: dict[str, list[str]] = {
     "coop": ["model.name=coop", "model.ctx_init=a photo of a", "loss.name=asl", "train.lr=5e-3"],
     "coop+db": ["model.name=coop", "model.ctx_init=a photo of a", "loss.name=db", "train.lr=1e-3"],
     "dualcoop": ["model.name=dualcoop", "model.ctx_init=a photo of a", "model.n_ctx_neg=4", "model.tau_s=3",
-                 "model.tau=10", "loss.name=asl", "train.lr=5e-3", "train.epochs=20"],
+                 "model.tau=10", "loss.name=asl", "train.lr=2e-2", "train.epochs=40"],
     "lmpt": ["model.name=lmpt", "model.ctx_init=a photo of a", "loss.name=lmpt", "train.lr=1e-3"],
     "hpdval": ["model.name=hpdval", "loss.name=db_star", "train.lr=3e-4", "model.hpdval.alpha=0.7",
                "model.hpdval.topk=16", "model.hpdval.kd_weight=10", "model.hpdval.prompt_init=words",
