@@ -315,7 +315,12 @@ def _ddp_cfg() -> Config:
     return make_cfg(epochs=2, batch_size=8, lr=0.05, grad_clip=5.0, ema=0.7)
 
 
-def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
+def _ddp_loss(name: str) -> nn.Module:
+    """BCE, or the GE/FD gradient-balancing loss whose running sums are all-reduced across ranks."""
+    return BCELoss() if name == "bce" else build_loss(LossConfig(name=name), splits()[0].targets.sum(0), 64)
+
+
+def _ddp_worker(rank: int, world: int, port: int, root: str, loss: str = "bce") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
@@ -323,8 +328,9 @@ def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
     try:
         train, _, test = splits()
         sampler = DistributedSampler(train, world, rank, shuffle=False)  # rank r: positions r::2 of each block
-        trainer = make_trainer(Path(root) / "ddp", _ddp_cfg(), sampler=sampler)
+        trainer = make_trainer(Path(root) / "ddp", _ddp_cfg(), sampler=sampler, loss=_ddp_loss(loss))
         result = trainer.fit()
+        loss_state = {k: v.tolist() for k, v in trainer.loss_fn.state_dict().items()}
         trainer.ema = None  # evaluate exactly the weights loaded below
         load_checkpoint(Path(root) / "single" / "best", trainer.model)
         gathered = trainer.evaluate(test, "test")
@@ -333,6 +339,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
                 "fit": result,
                 "eval": gathered,
                 "weights": {k: v.tolist() for k, v in trainable_state(trainer.model).items()},
+                "loss_state": loss_state,
             }
             (Path(root) / "ddp.json").write_text(json.dumps(out))
         dist.barrier()  # no rank tears its connections down while the other may still use them
@@ -340,27 +347,33 @@ def _ddp_worker(rank: int, world: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_two_gloo_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("loss", ["bce", "grad_balance"])
+def test_ddp_two_gloo_processes_match_one_process(tmp_path, loss):
     """2 ranks x batch 8 == 1 process x batch 16 with the same sample order per step.
 
     DDP averages the two half-batch gradients, which equals the full-batch mean gradient up to float32
     summation order, so weights agree to 1e-5 and test mAP to 1e-4 points; the gathered evaluation of the
-    same checkpoint over 2 ranks equals the single-process evaluation exactly.
+    same checkpoint over 2 ranks equals the single-process evaluation exactly. With the GE/FD gradient-balancing
+    loss the running gradient sums are all-reduced, so they (and the weights they set) equal the single process's.
     """
     train, _, test = splits()
     cfg = _ddp_cfg()
     cfg.train.batch_size = 16
-    single = make_trainer(tmp_path / "single", cfg, sampler=SequentialSampler(train))
+    single = make_trainer(tmp_path / "single", cfg, sampler=SequentialSampler(train), loss=_ddp_loss(loss))
     ref = single.fit()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), loss), nprocs=2, join=True)
     out = json.loads((tmp_path / "ddp.json").read_text())
     assert out["fit"]["selected_epoch"] == ref["selected_epoch"]
     assert out["fit"]["map"] == pytest.approx(ref["map"], abs=1e-4)
     for k, v in trainable_state(single.model).items():
         torch.testing.assert_close(torch.tensor(out["weights"][k]), v, atol=1e-5, rtol=0)
+    assert set(out["loss_state"]) == set(single.loss_fn.state_dict())
+    for k, v in single.loss_fn.state_dict().items():  # grad_balance: G+ and G- (bce has none)
+        assert v.abs().sum() > 0
+        torch.testing.assert_close(torch.tensor(out["loss_state"][k], dtype=v.dtype), v, atol=1e-4, rtol=1e-5)
     evaluator = make_trainer(tmp_path / "eval", make_cfg(batch_size=8))
     load_checkpoint(tmp_path / "single" / "best", evaluator.model)
     assert out["eval"] == json.loads(json.dumps(evaluator.evaluate(test, "test")))
