@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from cimlic import checkpoint as ckpt
 from cimlic.cli import main
 from cimlic.config import DiversityConfig, ModelConfig, TRMMLConfig
 from cimlic.models import build_model
@@ -368,7 +369,7 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def _train(world: Path, tmp: Path, run: str, epochs: int, resume: bool = False) -> Path:
+def _train(world: Path, tmp: Path, run: str, epochs: int, resume: bool = False, extra: tuple[str, ...] = ()) -> Path:
     cfg = {
         "name": "tiny_trmml",
         "data": {"classes": str(world / "classes.txt"), "train_labels": str(world / "train.txt"),
@@ -383,6 +384,8 @@ def _train(world: Path, tmp: Path, run: str, epochs: int, resume: bool = False) 
     (tmp / f"{run}.yaml").write_text(yaml.safe_dump(cfg))
     argv = ["train", "--config", str(tmp / f"{run}.yaml"), "--run-dir", str(tmp / run)]
     argv += ["--set", f"train.epochs={epochs}"] + (["--resume"] if resume else [])
+    for item in extra:
+        argv += ["--set", item]
     assert main(argv) == 0
     return tmp / run
 
@@ -431,3 +434,29 @@ def _qk(model, which: str):
     e = model.attn.embed_dim
     i = {"q": 0, "k": 1}[which]
     return model.attn.in_proj_weight[i * e : (i + 1) * e], model.attn.in_proj_bias[i * e : (i + 1) * e]
+
+
+def test_missing_labels_with_all_three_gefd_parts(world, tmp_path, monkeypatch):
+    """TRM-ML + group sampler + grad_balance (partial) + diversity: the run draws with a GroupSampler, the best
+    checkpoint holds the diversity module, state.pt the loss's G± sums over known and pseudo labels, and the
+    pseudo-label records are written."""
+    import cimlic.engine
+    from cimlic.data.samplers import GroupSampler, build_sampler
+
+    built = []
+    monkeypatch.setattr(
+        cimlic.engine, "build_sampler", lambda *a, **k: built.append(build_sampler(*a, **k)) or built[-1]
+    )
+    extra = ("sampler.name=group", "loss.name=grad_balance", "model.diversity.enabled=true")
+    run = _train(world, tmp_path, "gefd", epochs=2, extra=extra)
+    assert len(built) == 1 and isinstance(built[0], GroupSampler)
+    assert 0 < json.loads((run / "eval.json").read_text())["map"] <= 100
+    saved = ckpt.read_checkpoint(run / "best")[0]
+    assert {k for k in saved if k.startswith("diversity.")} >= {
+        "diversity.attn.in_proj_weight",
+        "diversity.norm.weight",
+    }
+    sums = torch.load(run / "state.pt", map_location="cpu", weights_only=True)["loss"]
+    assert set(sums) == {"pos_grad", "neg_grad"} and sums["pos_grad"].sum() > 0 and sums["neg_grad"].sum() > 0
+    stats = [r for r in _records(run) if r.get("split") == "train"]
+    assert [r["epoch"] for r in stats] == [1, 2] and stats[1]["pseudo_pos"] + stats[1]["pseudo_neg"] > 0
