@@ -15,17 +15,14 @@ from torch import nn
 from cimlic import checkpoint as ckpt
 from cimlic.checkpoint import (
     CheckpointError,
-    RunDirError,
-    check_resume_config,
-    check_run_dir,
     get_rng_state,
     load_checkpoint,
     load_state,
     save_checkpoint,
     save_state,
     set_rng_state,
-    trim_jsonl,
 )
+from cimlic.rundir import RunDirError, check_resume_config, check_run_dir, trim_jsonl
 
 
 class Net(nn.Module):

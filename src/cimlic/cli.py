@@ -390,9 +390,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cimlic").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from cimlic.checkpoint import CheckpointError, RunDirError
+    from cimlic.checkpoint import CheckpointError
     from cimlic.metrics import ScoreFileError
     from cimlic.models.clip import ClipError
+    from cimlic.rundir import RunDirError
 
     try:
         if args.command == "prepare":

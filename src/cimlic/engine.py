@@ -26,12 +26,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from cimlic import checkpoint as ckpt
-from cimlic.checkpoint import CheckpointError, RunDirError  # noqa: F401  (re-exported for callers)
+from cimlic import rundir
+from cimlic.checkpoint import CheckpointError  # noqa: F401  (re-exported for callers)
 from cimlic.config import Config, TrainConfig, save_config, to_dict
 from cimlic.data.samplers import build_sampler
 from cimlic.distributed import barrier, init_distributed, resolve_device, seed_everything, shard, world
 from cimlic.metrics import Evaluator, format_table
 from cimlic.optim import EMA, build_optimizer, lr_at
+from cimlic.rundir import RunDirError  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +159,7 @@ class Trainer:
             The content of ``eval.json``: the Evaluator's test metrics plus ``selected_epoch``, ``selected_on``
             and ``selection`` (the selection split's summary at that epoch).
         """
-        resumable = ckpt.check_run_dir(self.run_dir, resume) and resume
+        resumable = rundir.check_run_dir(self.run_dir, resume) and resume
         barrier()  # every rank has looked at the folder before rank 0 writes to it
         with self._file_logging():
             start = self._start(resumable)
@@ -295,14 +297,14 @@ class Trainer:
     def _start(self, resumable: bool) -> int:
         """Restore ``state.pt`` (resume) or seed everything (fresh run); write config.yaml; return the first epoch."""
         if resumable:
-            ckpt.check_resume_config(self.run_dir / "config.yaml", to_dict(self.cfg), RESUMABLE_CHANGES)
+            rundir.check_resume_config(self.run_dir / "config.yaml", to_dict(self.cfg), RESUMABLE_CHANGES)
             self._restore(ckpt.load_state(self.run_dir / "state.pt"))
             logger.info("resumed %s after epoch %d (step %d)", self.run_dir, self.epoch, self.step)
         else:
             seed_everything(self.cfg.seed)
         if self.rank == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
-            ckpt.trim_jsonl(self.run_dir / "metrics.jsonl", self.step)  # drop steps logged after the state was saved
+            rundir.trim_jsonl(self.run_dir / "metrics.jsonl", self.step)  # drop steps logged after the state was saved
         barrier()
         return self.epoch
 
@@ -374,7 +376,7 @@ class Trainer:
 
     def _write_jsonl(self, record: dict) -> None:
         if self.rank == 0:
-            ckpt.append_jsonl(self.run_dir / "metrics.jsonl", record)
+            rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
 
     def _file_logging(self) -> contextlib.AbstractContextManager:
-        return ckpt.log_to_file(self.run_dir / "log.txt") if self.rank == 0 else contextlib.nullcontext()
+        return rundir.log_to_file(self.run_dir / "log.txt") if self.rank == 0 else contextlib.nullcontext()

@@ -19,6 +19,7 @@ import numpy as np
 from cimlic import checkpoint as ckpt
 from cimlic.config import Config, ConfigError
 from cimlic.data.labels import LabelSet, read_classes, read_label_list, write_label_list
+from cimlic.rundir import RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     if not (f.base_labels and f.support_dir and f.test_labels):
         raise ConfigError("fewshot.base_labels, fewshot.support_dir and fewshot.test_labels must be set")
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ckpt.RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
+        raise RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
     summary: dict = {"shots": {}, "protocol": "base + K-shot support, tested on novel-only images"}
     for shots in f.shots:
         maps = []

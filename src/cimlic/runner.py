@@ -22,6 +22,7 @@ from cimlic.cache import CachedFeatureDataset, load_or_compute, weights_digest
 from cimlic.config import Config, ConfigError, load_config, save_config
 from cimlic.data.dataset import MultiLabelDataset, default_transform
 from cimlic.data.labels import LabelSet, read_classes, read_label_list
+from cimlic.rundir import RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
 def _train_two_stage(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dict:
     """HP-DVAL: stage 1 (DVAL) into ``run_dir/stage1``, then stage 2 (HPT) on its frozen student into ``stage2``."""
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise ckpt.RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
+        raise RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
     stage1 = copy.deepcopy(cfg)
     stage1.model.name, stage1.name = "hpdval_stage1", f"{cfg.name}/stage1"
     if resume and (run_dir / "stage1" / "eval.json").is_file():
