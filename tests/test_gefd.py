@@ -29,13 +29,7 @@ DIVERSITY_KEYS = {"norm.weight", "norm.bias", "attn.in_proj_weight", "attn.in_pr
                   "attn.out_proj.bias"}  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def sig(x: float) -> float:

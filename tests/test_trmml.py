@@ -29,13 +29,7 @@ def _build(diversity: bool = False, arch: str = "cimlic-tiny-vit", **trmml):
     return build_model(cfg, CLASSES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and far faster when other jobs share the 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 _FEATS: dict[tuple, dict[str, torch.Tensor]] = {}
