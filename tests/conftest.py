@@ -18,6 +18,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def glyph_data(tmp_path_factory) -> dict:
+    """The ``data`` config section of a small generated glyph world (120-image pool, 24 test images), built once."""
+    from cimlic.data.glyphs import build_world
+
+    world = tmp_path_factory.mktemp("glyph_world")
+    build_world(world, n_pool=120, n_test=24, n_max=40, seed=0)
+    return {"classes": str(world / "classes.txt"), "train_labels": str(world / "train.txt"),
+            "test_labels": str(world / "test.txt"), "image_root": str(world / "images"),
+            "image_pattern": "{id}.png"}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-tensor tests: as fast alone, far faster when jobs share 2 cores."""

@@ -19,7 +19,6 @@ from cimlic import checkpoint as ckpt
 from cimlic.cache import weights_digest
 from cimlic.cli import main
 from cimlic.config import CPRFLConfig, DiversityConfig, ModelConfig
-from cimlic.data.glyphs import build_world
 from cimlic.models import build_model
 from cimlic.models.backbones import build_backbone, list_backbones
 from cimlic.models.cprfl import CPRFL, VSILayer
@@ -255,15 +254,11 @@ def test_backbone_errors(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------ end to end
-def test_train_eval_through_cli(tmp_path):
+def test_train_eval_through_cli(tmp_path, glyph_data):
     """model.name=cprfl with ASL through main(): frozen RN trunk (feature cache), diversity, EMA; eval reproduces."""
-    world = tmp_path / "world"
-    build_world(world, n_pool=120, n_test=24, n_max=40, seed=0)
     cfg = {
         "name": "tiny_cprfl",
-        "data": {"classes": str(world / "classes.txt"), "train_labels": str(world / "train.txt"),
-                 "test_labels": str(world / "test.txt"), "image_root": str(world / "images"),
-                 "image_pattern": "{id}.png"},
+        "data": glyph_data,
         "model": {"name": "cprfl", "clip_arch": "cimlic-tiny-rn", "random_init": True,
                   "cprfl": {"freeze_backbone": True, "dim": 64, "ffn": 64}, "diversity": {"enabled": True}},
         "train": {"epochs": 2, "batch_size": 16, "num_workers": 0, "lr": 1e-3, "ema": 0.9,

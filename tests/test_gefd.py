@@ -393,12 +393,11 @@ def test_loss_switch_builds_the_configured_balancing():
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def test_cprfl_with_all_three_parts_through_cli(tmp_path, monkeypatch):
+def test_cprfl_with_all_three_parts_through_cli(tmp_path, monkeypatch, glyph_data):
     """model.name=cprfl + sampler group + loss grad_balance + diversity through main(): the Trainer draws with a
     GroupSampler, eval.json has a finite mAP, the best checkpoint holds the (trained) diversity module and state.pt
     the loss's G± sums."""
     import cimlic.engine
-    from cimlic.data.glyphs import build_world
 
     built = []
 
@@ -407,13 +406,9 @@ def test_cprfl_with_all_three_parts_through_cli(tmp_path, monkeypatch):
         return built[-1]
 
     monkeypatch.setattr(cimlic.engine, "build_sampler", spy)
-    world = tmp_path / "world"
-    build_world(world, n_pool=120, n_test=24, n_max=40, seed=0)
     cfg = {
         "name": "tiny_gefd",
-        "data": {"classes": str(world / "classes.txt"), "train_labels": str(world / "train.txt"),
-                 "test_labels": str(world / "test.txt"), "image_root": str(world / "images"),
-                 "image_pattern": "{id}.png", "head_threshold": 5, "tail_threshold": 2},
+        "data": {**glyph_data, "head_threshold": 5, "tail_threshold": 2},
         "model": {"name": "cprfl", "clip_arch": "cimlic-tiny-rn", "random_init": True,
                   "cprfl": {"freeze_backbone": True, "dim": 64, "ffn": 64}, "diversity": {"enabled": True}},
         "train": {"epochs": 2, "batch_size": 8, "num_workers": 0, "lr": 1e-3, "cache_dir": str(tmp_path / "cache")},
