@@ -152,18 +152,21 @@ def run_seeds(out: Path, seeds: Sequence[int], quick: bool = False, clip_dir: Pa
     return record
 
 
+def _mean_std(values: Sequence[float]) -> list[float]:
+    """[mean, sample std (n−1; 0 for one value)]."""
+    v = np.asarray(values, dtype=float)
+    return [float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0]
+
+
 def seed_statistics(per_seed: Sequence[dict[str, dict]]) -> dict[str, dict]:
     """{method: {key: [mean, std], "gain_<key>": [mean, std]}} over seeds; gain = method − zero-shot, same seed."""
-    keys = ("map", "head", "medium", "tail")
     stats: dict[str, dict] = {}
     for method in per_seed[0]:
         entry = {}
-        for k in keys:
-            values = np.array([r[method][k] for r in per_seed if r[method].get(k) is not None], dtype=float)
-            entry[k] = [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+        for k in ("map", "head", "medium", "tail"):
+            entry[k] = _mean_std([r[method][k] for r in per_seed if r[method].get(k) is not None])
             if "zeroshot" in per_seed[0]:
-                gain = np.array([r[method][k] - r["zeroshot"][k] for r in per_seed], dtype=float)
-                entry[f"gain_{k}"] = [float(gain.mean()), float(gain.std(ddof=1)) if len(gain) > 1 else 0.0]
+                entry[f"gain_{k}"] = _mean_std([r[method][k] - r["zeroshot"][k] for r in per_seed])
         stats[method] = entry
     return stats
 

@@ -77,14 +77,6 @@ def _hpdval_joint(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> n
     return HPDVAL(clip, classnames, "joint", cfg.hpdval, cfg.templates)
 
 
-def _cprfl(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return build_cprfl(cfg, classnames, clip)
-
-
-def _trmml(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return build_trmml(cfg, classnames, clip)
-
-
 _BUILDERS: dict[str, Callable[[ModelConfig, list[str], ClipModel], nn.Module]] = {
     "zeroshot": _zeroshot,
     "linear_probe": _linear_probe,
@@ -94,8 +86,8 @@ _BUILDERS: dict[str, Callable[[ModelConfig, list[str], ClipModel], nn.Module]] =
     "hpdval_stage1": _hpdval_stage1,
     "hpdval_stage2": _hpdval_stage2,
     "hpdval_joint": _hpdval_joint,
-    "cprfl": _cprfl,
-    "trmml": _trmml,
+    "cprfl": build_cprfl,
+    "trmml": build_trmml,
 }
 
 
