@@ -128,11 +128,24 @@ def test_lr_at_cosine_with_warmup():
 def test_lr_at_onecycle_and_constant():
     cfg = TrainConfig(lr=2.0, schedule="onecycle", onecycle_pct=0.25)
     assert lr_at(0, 100, cfg) == pytest.approx(2.0 / 25)
-    assert lr_at(25, 100, cfg) == pytest.approx(2.0)  # peak
-    assert lr_at(100, 100, cfg) == pytest.approx(2.0 / 1e4)
-    values = [lr_at(s, 100, cfg) for s in range(101)]
-    assert values.index(max(values)) == 25
-    assert all(a < b for a, b in zip(values[:25], values[1:26], strict=True))
+    assert lr_at(24, 100, cfg) == pytest.approx(2.0)  # peak at pct * total - 1, as OneCycleLR puts it
+    assert lr_at(99, 100, cfg) == pytest.approx(2.0 / 25 / 1e4)  # the last step
+    assert lr_at(100, 100, cfg) == lr_at(99, 100, cfg)  # past the end: the last value
+    values = [lr_at(s, 100, cfg) for s in range(100)]
+    assert values.index(max(values)) == 24
+    assert all(a < b for a, b in zip(values[:24], values[1:25], strict=True))
+
+
+@pytest.mark.parametrize(("total", "pct"), [(100, 0.25), (37, 0.1), (7, 0.3), (5, 0.1)])
+def test_lr_at_onecycle_equals_torch_onecycle_lr(total, pct):
+    """The released HP-DVAL and CPRFL code use torch's OneCycleLR: the same learning rate at every step."""
+    cfg = TrainConfig(lr=1e-3, schedule="onecycle", onecycle_pct=pct)
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
+    for step in range(total):
+        assert lr_at(step, total, cfg) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=0), step
+        opt.step()
+        sched.step()
     const = TrainConfig(lr=0.5, schedule="constant", warmup_steps=4)
     assert [lr_at(s, 20, const) for s in (0, 3, 4, 19)] == pytest.approx([0.125, 0.5, 0.5, 0.5])
 

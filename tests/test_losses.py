@@ -142,11 +142,17 @@ DB_LOGITS = [[0.5, -1.0], [1.2, 0.3]]
 DB_TARGETS = [[1, 0], [1, 1]]
 
 
-def _db_expected(convention: str = "paper", star: bool = False) -> float:
-    """DB on DB_LOGITS/DB_TARGETS with n = (2, 8), N = 10, defaults alpha .1 beta 10 mu .3 kappa .05 lam 5."""
+def _db_expected(
+    convention: str = "paper", star: bool = False, pos_scale: float = 1.0, batch_focal: bool = False
+) -> float:
+    """DB on DB_LOGITS/DB_TARGETS with n = (2, 8), N = 10, defaults alpha .1 beta 10 mu .3 kappa .05 lam 5.
+
+    ``pos_scale`` multiplies the positive logits; ``batch_focal`` is the released bug: one focal factor
+    2 (1 - exp(-mean BCE))^2 from the unweighted BCE of the regularised logits, times the mean weighted BCE.
+    """
     n, N, lam, kappa = [2.0, 8.0], 10.0, 5.0, 0.05
-    scale = [n[0] / max(n), n[1] / max(n)] if star else [1.0, 1.0]
-    total = 0.0
+    scale = [pos_scale * n[0] / max(n), pos_scale * n[1] / max(n)] if star else [pos_scale, pos_scale]
+    total, bce_total = 0.0, 0.0
     for z_row, y_row in zip(DB_LOGITS, DB_TARGETS, strict=True):
         denom = sum(1 / n[k] for k in range(2) if y_row[k] == 1)
         for c in range(2):
@@ -155,11 +161,15 @@ def _db_expected(convention: str = "paper", star: bool = False) -> float:
             b = -math.log(N / n[c] - 1)
             z = z_row[c] + (kappa * b if convention == "paper" else kappa * b / lam)
             if y_row[c] == 1:
-                pt = sig(scale[c] * z)
-                total += w * math.log(1 + math.exp(-scale[c] * z)) * 2 * (1 - pt) ** 2
+                pt, bce = sig(scale[c] * z), math.log(1 + math.exp(-scale[c] * z))
+                weight = w
             else:
-                pt = sig(-lam * z)
-                total += (w / lam) * math.log(1 + math.exp(lam * z)) * 2 * (1 - pt) ** 2
+                pt, bce = sig(-lam * z), math.log(1 + math.exp(lam * z))
+                weight = w / lam
+            bce_total += bce
+            total += weight * bce * (1.0 if batch_focal else 2 * (1 - pt) ** 2)
+    if batch_focal:
+        return 2 * (1 - math.exp(-bce_total / 4)) ** 2 * total / 4
     return total / 4
 
 
@@ -173,6 +183,41 @@ def test_db_star_hand_computed():
     db = DBStarLoss([2, 8], 10)
     assert db(t(DB_LOGITS), t(DB_TARGETS)).item() == pytest.approx(_db_expected(star=True), rel=1e-5)
     assert _db_expected(star=True) != pytest.approx(_db_expected(), rel=1e-3)
+
+
+@pytest.mark.parametrize("star", [False, True])
+def test_db_pos_scale_hand_computed(star):
+    """HP-DVAL's released DB: a constant scale 10 on the positive logits, on top of DB's (or DB*'s) weights."""
+    cls = DBStarLoss if star else DistributionBalancedLoss
+    db = cls([2, 8], 10, bias_convention="released", pos_scale=10.0)
+    expected = _db_expected("released", star=star, pos_scale=10.0)
+    assert db(t(DB_LOGITS), t(DB_TARGETS)).item() == pytest.approx(expected, rel=1e-5)
+    assert expected != pytest.approx(_db_expected("released", star=star), rel=1e-2)
+
+
+def test_db_batch_focal_factor_hand_computed(caplog):
+    """The released DB copies' bug, on request: one focal factor per batch (and a warning saying so)."""
+    with caplog.at_level("WARNING", logger="cimlic.losses"):
+        db = DistributionBalancedLoss([2, 8], 10, bias_convention="released", focal_reduction="batch")
+    assert "bug" in caplog.text
+    logits = t(DB_LOGITS).requires_grad_(True)
+    value = db(logits, t(DB_TARGETS))
+    assert value.item() == pytest.approx(_db_expected("released", batch_focal=True), rel=1e-5)
+    assert value.item() != pytest.approx(_db_expected("released"), rel=1e-2)
+    value.backward()  # the factor stays in the graph, as released (p_t from a clone of the logits)
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="focal_reduction"):
+        DistributionBalancedLoss([2, 8], 10, focal_reduction="class")
+    with pytest.raises(ValueError, match="pos_scale"):
+        DistributionBalancedLoss([2, 8], 10, pos_scale=0.0)
+
+
+def test_db_batch_focal_partial_ignores_unknown_entries():
+    logits, targets = _random_problem()
+    db = DistributionBalancedLoss([30, 10, 5, 2], 40, focal_reduction="batch")
+    changed = logits.clone()
+    changed[targets == -1] += 5.0  # unknown entries move; the loss must not
+    assert db(changed, targets).item() == pytest.approx(db(logits, targets).item(), rel=1e-6)
 
 
 def test_db_all_switches_off_equals_bce():

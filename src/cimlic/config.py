@@ -79,6 +79,8 @@ class DBConfig:
     focal: bool = True  # multiply by 2(1-p_t)^2 computed per element
     reweight: bool = True  # use the re-balanced weight w (False: w = 1)
     neg_tolerant: bool = True  # use the class-specific bias and the lambda-scaled negative term
+    pos_scale: float = 1.0  # constant multiplier of the positive logits z' (HP-DVAL's released DB: 10)
+    focal_reduction: Literal["element", "batch"] = "element"  # batch: ONE focal factor per batch (a released bug)
 
 
 @dataclass
@@ -124,6 +126,7 @@ class EvalConfig:
     cf1: Literal["harmonic", "mean"] = "harmonic"  # CF1 = 2 CP CR/(CP+CR), or mean of per-class F1
     top_k: int = 0  # also report top-k threshold metrics when > 0
     select_on: Literal["val", "test"] = "val"  # model selection split; "test" only as a labelled option
+    ap_scores: Literal["logits", "class_softmax"] = "logits"  # AP ranking; class_softmax: the released LMPT eval
 
 
 @dataclass
@@ -131,13 +134,16 @@ class HPDVALConfig:
     alpha: float = 0.4  # fusion weight of the global view (fusion=released: of the local view)
     topk: int = 32  # local view: mean of the k best token scores per class (clamped to the token count)
     fusion: Literal["paper", "released"] = "paper"  # released: L2-normalise each view's scores over classes first
-    logit_scale: float = 0.0  # multiplier of the fused cosine scores; 0 = CLIP's logit scale
+    cosine: bool = True  # score cosine similarities (paper); false = raw dot products of the features (released)
+    logit_scale: float = 0.0  # multiplier of the fused scores; 0 = CLIP's logit scale, 1 = none (released)
     student_init: Literal["clip", "random"] = "clip"  # stage-1 student: CLIP's image tower (released) or random
     embed_head: Literal["linear", "mlp"] = "linear"  # student to text space: CLIP's proj, or proj + residual MLP
     kd_weight: float = 1.0  # weight of L_kd = mean |f_CLIP(x) - f_cls(x)| (||.||_1 / D; stage 1, joint)
-    stage1_run: str = ""  # stage 2: stage-1 run folder whose best student is loaded, frozen ("" = untrained, released)
+    stage1_run: str = ""  # stage 2: stage-1 run folder whose best student is loaded and frozen
+    load_stage1: bool = True  # stage 2 starts from the stage-1 student; false = from the un-trained one (released)
     n_ctx: int = 4  # stage 2 / joint: context vectors M of the global and of the local prompts
     prompt_init: Literal["random", "words"] = "random"  # contexts from N(0, 0.02) (paper) or "a photo of a" (released)
+    share_contexts: bool = False  # global and local contexts as two parameters over ONE tensor (released, see docs)
     learn_global: bool = True  # learnable global prompts (False: the global view uses the hand-crafted P^H)
     learn_local: bool = True  # learnable local prompts (False: the local view uses the hand-crafted P^H)
     use_sc: bool = True  # add the semantic-consistency loss L_sc (stage 2, joint)
@@ -166,6 +172,8 @@ class CPRFLConfig:
     head_dim: int = 0  # width of each VSI attention head (0 = d / heads, then heads must divide d; authors' code: 512)
     ffn: int = 2048  # feed-forward width of the VSI layer
     vsi_residual: bool = False  # residual connections in the VSI layer (the authors' code has none)
+    vsi_layout: Literal["released", "standard"] = "released"  # released: bias-free q/k/v, dropout on the layer output;
+    # standard: q/k/v with biases and dropout on the attention weights as well (nn.MultiheadAttention's layout)
     vsi_dropout: float = 0.1  # dropout inside the VSI layer
     prompt_template: str = "a photo of a {}."  # text of the PI input W (CLIP text embeddings, computed once)
     train_text: bool = False  # trainable CLIP text tower (released code) instead of frozen (paper)
@@ -192,6 +200,7 @@ class TRMMLConfig:
 @dataclass
 class ModelConfig:
     name: str = "zeroshot"  # one of cimlic.models.list_models()
+    preset: Literal["paper", "released", "released_exact"] = "paper"  # released: the authors' code (cimlic.presets)
     clip_arch: str = "RN50"  # open_clip architecture (OpenAI checkpoints load as "<arch>-quickgelu")
     clip_checkpoint: str = ""  # OpenAI .pt (TorchScript or state dict) or open_clip .bin/.safetensors file
     clip_pretrained: str = ""  # open_clip pretrained tag (needs the network; empty = none)
@@ -205,6 +214,8 @@ class ModelConfig:
     tau_s: float = 20.0  # DualCoOp: spatial softmax temperature
     tau: float = 5.0  # DualCoOp: logit scale of the aggregated region scores
     learn_temps: bool = False  # DualCoOp: learn tau_s and tau
+    dualcoop_logit: Literal["paper", "released"] = "paper"  # released: tau_s * tau * sum_r a s (tau_s reused: 100x)
+    dense_mean_token: bool = False  # DualCoOp on ResNet CLIPs: the attention pool's mean token as a 50th region
     dropout: float = 0.0  # linear probe: dropout on the image feature
     probe_normalize: bool = True  # linear probe: L2-normalise the image feature first
     probe_init: Literal["random", "zeroshot"] = "random"  # linear probe: start from PyTorch's init or zero-shot CLIP
@@ -374,8 +385,17 @@ def apply_override(cfg: Any, item: str) -> None:
                 raise ConfigError(f"override {key!r}: {where} is not a section")
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, cls: type = None) -> Any:
-    """Defaults, then the YAML file (if any), then ``a.b=v`` overrides, in that order."""
+def load_config(
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | None = None,
+    cls: type = None,
+    apply_preset: bool = True,
+) -> Any:
+    """Defaults, then the YAML file (if any), then ``model.preset``'s values, then ``a.b=v`` overrides.
+
+    The preset (``cimlic.presets``; ``paper`` sets nothing) is applied after the file and before the overrides, so
+    ``--set`` wins over it. ``apply_preset=False`` reads a resolved config (a run folder's ``config.yaml``) as is.
+    """
     cls = cls or Config
     data: dict = {}
     if path is not None:
@@ -394,6 +414,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         cfg = cls()
     for item in overrides or []:
         apply_override(cfg, item)
+    if apply_preset and isinstance(cfg, Config) and cfg.model.preset != "paper":
+        from cimlic.presets import apply_preset as set_preset
+
+        try:
+            set_preset(cfg)
+        except ValueError as err:
+            raise ConfigError(f"{path or 'config'}: {err}") from None
+        for item in overrides or []:  # --set wins over the preset
+            apply_override(cfg, item)
     return cfg
 
 

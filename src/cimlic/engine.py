@@ -80,7 +80,7 @@ def evaluate_logits(logits: Tensor, targets: Tensor, cfg: Config, classnames: Se
     e, d = cfg.eval, cfg.data
     evaluator = Evaluator(
         len(classnames), list(classnames), train_counts, e.ap, e.threshold, e.cf1, e.top_k,
-        head_threshold=d.head_threshold, tail_threshold=d.tail_threshold,
+        head_threshold=d.head_threshold, tail_threshold=d.tail_threshold, ap_scores=e.ap_scores,
     )  # fmt: skip
     if len(logits):
         evaluator.update(logits, targets)

@@ -190,7 +190,10 @@ class DistributionBalancedLoss(nn.Module):
     image keeps a finite bias (b_c = log 2N there; n_c = N/2 gives b_c = 0). p_t = σ(z') on positives,
     σ(−λz') on negatives, per element. The shift is applied only in training mode (``self.training``).
     Switches: ``reweight=False`` → w = 1; ``neg_tolerant=False`` → no shift and λ = 1; ``focal=False`` → no
-    focal factor; all three off gives BCE.
+    focal factor; all three off gives BCE. ``pos_scale`` s multiplies the positive logit: the positive term becomes
+    w·log(1+e^{−s·z'}) with p_t = σ(s·z') (HP-DVAL's released DB: s = 10). ``focal_reduction="batch"`` reproduces a
+    bug of the released DB copies (LMPT, HP-DVAL): ONE focal factor per batch, 2·(1 − exp(−L̄))^2 with L̄ the
+    unweighted BCE of the regularised logits averaged over the batch, times the mean of the weighted BCE terms.
     """
 
     def __init__(
@@ -207,9 +210,17 @@ class DistributionBalancedLoss(nn.Module):
         reweight: bool = True,
         neg_tolerant: bool = True,
         partial: bool = True,
+        pos_scale: float = 1.0,
+        focal_reduction: str = "element",
     ) -> None:
         super().__init__()
         _check_choice(bias_convention, ("paper", "released"), "DB bias_convention")
+        _check_choice(focal_reduction, ("element", "batch"), "DB focal_reduction")
+        if not pos_scale > 0:
+            raise ValueError(f"DB pos_scale must be > 0, got {pos_scale}")
+        if focal_reduction == "batch" and focal:
+            logger.warning("DB focal_reduction=batch: one focal factor per batch, a bug of the released DB code "
+                           "(reproduced on request; the per-element factor is the DB paper's)")  # fmt: skip
         if lam <= 0:
             raise ValueError(f"DB lam must be > 0, got {lam}")
         if num_images is None or num_images <= 0:
@@ -222,8 +233,9 @@ class DistributionBalancedLoss(nn.Module):
             bias = bias / lam
         self.register_buffer("class_counts", counts)
         self.register_buffer("logit_shift", kappa * bias)  # (C,) added to z in training
-        self.register_buffer("pos_scale", torch.ones_like(counts))  # (C,) DB*: n_c / max_k n_k
+        self.register_buffer("pos_scale", torch.full_like(counts, pos_scale))  # (C,) s (DB*: s·n_c / max_k n_k)
         self.alpha, self.beta, self.mu, self.lam = alpha, beta, mu, lam
+        self.focal_reduction = focal_reduction
         self.focal, self.reweight, self.neg_tolerant, self.partial = focal, reweight, neg_tolerant, partial
 
     def rebalance_weight(self, y: Tensor, known: Tensor) -> Tensor:
@@ -242,13 +254,18 @@ class DistributionBalancedLoss(nn.Module):
             z = z + self.logit_shift
         pos_arg, neg_arg = self.pos_scale * z, lam * z  # (B, C): −log p_t = softplus(−pos_arg) / softplus(neg_arg)
         pos, neg = F.softplus(-pos_arg), F.softplus(neg_arg) / lam
-        if self.focal:  # 1 − p_t = σ(−pos_arg) on positives, σ(neg_arg) on negatives
+        batch_focal = self.focal and self.focal_reduction == "batch"
+        if batch_focal:  # the released bug: p_t of the whole batch, exp(−mean unweighted BCE), one scalar
+            pt = torch.exp(-_masked_mean(torch.where(y > 0, pos, F.softplus(neg_arg)), known))
+            factor = DB_FOCAL_SCALE * (1.0 - pt).pow(DB_FOCAL_GAMMA)
+        elif self.focal:  # 1 − p_t = σ(−pos_arg) on positives, σ(neg_arg) on negatives
             pos = pos * DB_FOCAL_SCALE * torch.sigmoid(-pos_arg).pow(DB_FOCAL_GAMMA)
             neg = neg * DB_FOCAL_SCALE * torch.sigmoid(neg_arg).pow(DB_FOCAL_GAMMA)
         elem = torch.where(y > 0, pos, neg)
         if self.reweight:
             elem = elem * self.rebalance_weight(y, known)
-        return _masked_mean(elem, known)
+        loss = _masked_mean(elem, known)
+        return factor * loss if batch_focal else loss
 
 
 class DBStarLoss(DistributionBalancedLoss):
@@ -260,7 +277,7 @@ class DBStarLoss(DistributionBalancedLoss):
 
     def __init__(self, class_counts: Counts, num_images: int, **kwargs) -> None:
         super().__init__(class_counts, num_images, **kwargs)
-        self.pos_scale = self.class_counts / self.class_counts.max()
+        self.pos_scale = self.pos_scale * self.class_counts / self.class_counts.max()
 
 
 # ---------------------------------------------------------------------------------- gradient balance
@@ -391,14 +408,16 @@ def _db_kwargs(cfg: LossConfig) -> dict:
     return dict(
         alpha=d.alpha, beta=d.beta, mu=d.mu, kappa=d.kappa, lam=d.lam, bias_convention=d.bias_convention,
         focal=d.focal, reweight=d.reweight, neg_tolerant=d.neg_tolerant, partial=cfg.partial,
+        pos_scale=d.pos_scale, focal_reduction=d.focal_reduction,
     )  # fmt: skip
 
 
 def _build_asl(cfg: LossConfig, counts: Counts | None, n: int | None) -> nn.Module:
     a = cfg.asl
     return AsymmetricLoss(
-        a.gamma_neg, a.gamma_pos, a.margin, a.eps, a.detach_focusing, a.reduction, partial=cfg.partial
-    )
+        gamma_neg=a.gamma_neg, gamma_pos=a.gamma_pos, margin=a.margin, eps=a.eps,
+        detach_focusing=a.detach_focusing, reduction=a.reduction, partial=cfg.partial,
+    )  # fmt: skip
 
 
 def _build_grad_balance(cfg: LossConfig, counts: Counts | None, n: int | None) -> nn.Module:

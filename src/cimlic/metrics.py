@@ -209,8 +209,14 @@ def evaluate(
     scores_are_logits: bool = True,
     head_threshold: int = 100,
     tail_threshold: int = 20,
+    ap_scores: str = "logits",
 ) -> dict[str, Any]:
-    """Every metric of METHODS §2 over (N, C) scores and targets, in percent (see ``Evaluator``)."""
+    """Every metric of METHODS §2 over (N, C) scores and targets, in percent (see ``Evaluator``).
+
+    ``ap_scores="class_softmax"`` ranks each class by the softmax of the logits *across classes* (the released LMPT
+    evaluation; not a multi-label score, METHODS §2), for reproducing published numbers only; the threshold metrics
+    keep the sigmoid.
+    """
     s, t = _check_matrices(scores, targets)
     if s.shape[1] != len(classnames):
         raise ValueError(f"scores have {s.shape[1]} columns but {len(classnames)} class names were given")
@@ -218,7 +224,12 @@ def evaluate(
         logger.warning("scores_are_logits=True but every score is in [0, 1]: are these probabilities?")
     if not scores_are_logits and s.size and (s.min() < 0.0 or s.max() > 1.0):
         raise ValueError("scores_are_logits=False but some scores are outside [0, 1]")
-    ap = 100.0 * per_class_ap(s, t, ap_variant)  # (C,) in percent, NaN = no positive
+    if ap_scores not in AP_SCORES:
+        raise ValueError(f"unknown ap_scores {ap_scores!r}; valid: {list(AP_SCORES)}")
+    if ap_scores == "class_softmax" and not scores_are_logits:
+        raise ValueError("ap_scores=class_softmax needs logits (scores_are_logits=True)")
+    ranked = class_softmax(s) if ap_scores == "class_softmax" else s
+    ap = 100.0 * per_class_ap(ranked, t, ap_variant)  # (C,) in percent, NaN = no positive
     has_ap = ~np.isnan(ap)
     names = list(classnames)
     missing = [n for n, ok in zip(names, has_ap, strict=True) if not ok]
@@ -228,6 +239,7 @@ def evaluate(
     probs = sigmoid(s) if scores_are_logits else s
     result: dict[str, Any] = {
         "ap_variant": ap_variant,
+        "ap_scores": ap_scores,
         "num_images": int(s.shape[0]),
         "num_classes": len(names),
         "map": _mean_or_none(ap[has_ap]),
@@ -245,6 +257,15 @@ def evaluate(
         top = threshold_metrics(probs, t, top_k=top_k, cf1=cf1)
         result.update({f"{k}_top{top_k}": v for k, v in top.items()})
     return result
+
+
+AP_SCORES = ("logits", "class_softmax")
+
+
+def class_softmax(logits: np.ndarray) -> np.ndarray:
+    """(N, C) softmax of each row across the classes (numerically stable)."""
+    z = np.exp(logits - logits.max(axis=1, keepdims=True)) if logits.size else logits
+    return z / z.sum(axis=1, keepdims=True) if logits.size else z
 
 
 class Evaluator:
@@ -274,6 +295,7 @@ class Evaluator:
         scores_are_logits: True if ``update`` receives logits (a sigmoid is applied), False for probabilities.
         head_threshold: head classes have n_c >= this.
         tail_threshold: tail classes have n_c < this.
+        ap_scores: ``logits`` or ``class_softmax`` (the released LMPT evaluation, see ``evaluate``).
     """
 
     def __init__(
@@ -288,6 +310,7 @@ class Evaluator:
         scores_are_logits: bool = True,
         head_threshold: int = 100,
         tail_threshold: int = 20,
+        ap_scores: str = "logits",
     ) -> None:
         if len(classnames) != num_classes:
             raise ValueError(f"{len(classnames)} class names for num_classes={num_classes}")
@@ -297,7 +320,7 @@ class Evaluator:
         self.options = dict(
             ap_variant=ap_variant, threshold=threshold, cf1=cf1, top_k=top_k, scores_are_logits=scores_are_logits
         )
-        self.options.update(head_threshold=head_threshold, tail_threshold=tail_threshold)
+        self.options.update(head_threshold=head_threshold, tail_threshold=tail_threshold, ap_scores=ap_scores)
         self.reset()
 
     @classmethod

@@ -20,17 +20,16 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
     - cosine: linear warm-up ``lr * (step + 1) / warmup_steps`` (so step ``warmup_steps - 1`` runs at ``lr``),
       then half a cosine from ``lr`` down to 0 at ``total_steps``.
-    - onecycle: half a cosine rising from ``lr / 25`` at step 0 to ``lr`` at step ``round(onecycle_pct * total)``,
-      then half a cosine falling to ``lr / 1e4`` at ``total_steps`` (no separate warm-up).
+    - onecycle: PyTorch's ``OneCycleLR`` (cosine, two phases, default factors) exactly: half a cosine rising from
+      ``lr / 25`` at step 0 to ``lr`` at step ``onecycle_pct * total - 1``, then half a cosine falling to
+      ``lr / 25 / 1e4`` at step ``total - 1`` (no separate warm-up). Only the learning rate: OneCycleLR's momentum
+      cycling is not reproduced.
     - constant: the same linear warm-up, then ``lr``.
     """
     peak, total = cfg.lr, max(int(total_steps), 0)
     s = min(max(int(step), 0), total)
     if cfg.schedule == "onecycle":
-        up = max(1, round(cfg.onecycle_pct * total))
-        if s < up:
-            return _cosine(peak / 25.0, peak, s / up)
-        return _cosine(peak, peak / 1e4, (s - up) / max(1, total - up))
+        return _onecycle(peak, min(s, total - 1), total, cfg.onecycle_pct)
     if s < cfg.warmup_steps:
         return peak * (s + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
@@ -38,6 +37,14 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     if cfg.schedule == "cosine":
         return _cosine(peak, 0.0, (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
     raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: ['cosine', 'onecycle', 'constant']")
+
+
+def _onecycle(peak: float, step: int, total: int, pct: float) -> float:
+    """PyTorch OneCycleLR's learning rate at ``step`` (``div_factor`` 25, ``final_div_factor`` 1e4, cosine)."""
+    initial, up_end, last = peak / 25.0, pct * total - 1.0, total - 1.0  # phase ends, as OneCycleLR puts them
+    if step <= up_end:
+        return _cosine(initial, peak, step / up_end if up_end > 0 else 1.0)
+    return _cosine(peak, initial / 1e4, (step - up_end) / (last - up_end) if last > up_end else 1.0)
 
 
 def _cosine(start: float, end: float, t: float) -> float:

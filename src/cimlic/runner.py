@@ -323,7 +323,7 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict]:
     run_dir = _resolve_run(Path(run_dir))
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not a run folder (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir / "config.yaml", apply_preset=False)  # resolved: the preset's values are in it
     _, meta = ckpt.read_checkpoint(run_dir / "best")
     model = build_model_for(cfg, list(meta["classnames"]))
     check_clip_identity(run_dir, model)

@@ -55,8 +55,9 @@ def _coop(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module
 
 def _dualcoop(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
     return DualCoOp(
-        clip, classnames, cfg.n_ctx, cfg.n_ctx_neg, cfg.ctx_init, cfg.csc, cfg.tau_s, cfg.tau, cfg.learn_temps
-    )
+        clip, classnames, cfg.n_ctx, cfg.n_ctx_neg, cfg.ctx_init, cfg.csc, cfg.tau_s, cfg.tau, cfg.learn_temps,
+        released_logit=cfg.dualcoop_logit == "released", mean_token=cfg.dense_mean_token,
+    )  # fmt: skip
 
 
 def _lmpt(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:

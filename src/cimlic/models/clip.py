@@ -368,6 +368,27 @@ class ClipModel(nn.Module):
         """Global (B, D) and local (B, N, D) image features in the joint space (see :func:`dense_image_features`)."""
         return dense_image_features(self.model.visual, images)
 
+    @property
+    def has_mean_token(self) -> bool:
+        """True for ResNet towers, whose attention pool has a mean token (see :meth:`add_mean_token`)."""
+        return isinstance(self.model.visual, ModifiedResNet)
+
+    def add_mean_token(self, local: Tensor) -> Tensor:
+        """(B, N, D) spatial tokens -> (B, 1 + N, D): the attention pool's mean token first, as the pool orders them.
+
+        The pool's mean token is the mean of the spatial tokens plus its own positional embedding p_0; its value and
+        output projections are affine, so its local feature is the mean of the spatial local features plus
+        W_c W_v (p_0 - mean_r p_r): computed from the (cached) spatial features, no second image pass.
+        """
+        if not self.has_mean_token:
+            raise ClipError(f"CLIP {self.arch!r}: only ResNet towers have an attention-pool mean token")
+        pool = self.model.visual.attnpool
+        pos = pool.positional_embedding.float()  # (1 + h*w, C)
+        delta = pos[0] - pos[1:].mean(dim=0)  # (C,)
+        offset = pool.c_proj.weight.float() @ (pool.v_proj.weight.float() @ delta)  # (D,)
+        mean = local.mean(dim=1, keepdim=True) + offset.to(local.dtype)  # (B, 1, D)
+        return torch.cat([mean, local], dim=1)
+
 
 # ------------------------------------------------------------------------------------ dense features
 def dense_image_features(visual: nn.Module, images: Tensor) -> dict[str, Tensor]:

@@ -10,8 +10,12 @@ The paper:
 - Classifier: logit_c = p'_c . p_c, each refined feature against its own prompt (the loss applies the sigmoid), so
   the gradient reaches P along two paths, through the VSI layer and through the dot product (dual-path).
 
-Switches for the authors' released code: ``vsi_residual=False`` (default: the released layer has no residual
-connections), ``head_dim=512`` (8 heads x 512), ``train_text=True`` (the released code trains the text encoder).
+The VSI layer's default layout is the released one: no residual connections, bias-free query/key/value
+projections, dropout on the attention output and in the FFN but not on the attention weights; ``vsi_layout=standard``
+gives the projections biases and drops attention weights too (nn.MultiheadAttention's layout, this project's layer
+before it was checked against the released code). Further released-code switches: ``head_dim=512`` (8 heads x 512),
+``train_text=True`` (the released code trains the text encoder); ``model.preset: released`` sets them with the
+released loss (see ``cimlic.presets``).
 
 **[our design]**: the pluggable backbone (``cimlic.models.backbones``); ``vsi_path`` / ``dot_path`` detach P where
 it enters the VSI layer / the dot product (the dual-path ablation); the GE/FD diversity module (METHODS §5.6) on P'
@@ -42,7 +46,7 @@ logger = logging.getLogger(__name__)
 class VSILayer(nn.Module):
     """One pre-norm Transformer-encoder layer whose residual connections can be switched off.
 
-    x1 = [x +] Dropout(MHA(LN1(x))); out = [x1 +] FFN(LN2(x1)), FFN = Linear-GELU-Dropout-Linear-Dropout.
+    x1 = [x +] Dropout(Out(Attn(LN1(x)))); out = [x1 +] FFN(LN2(x1)), FFN = Linear-GELU-Dropout-Linear-Dropout.
     Only the last ``n_out`` tokens are returned, so only their queries (and FFN) are computed.
 
     Args:
@@ -50,22 +54,34 @@ class VSILayer(nn.Module):
         heads: attention heads.
         head_dim: width of each head (0 = dim / heads); the attention's inner width is heads x head_dim.
         ffn: hidden width of the feed-forward block.
-        dropout: dropout on the attention weights, the attention output and in the FFN.
+        dropout: dropout on the attention output and in the FFN (``standard``: on the attention weights too).
         residual: add the residual connections (the authors' code has none).
+        layout: ``released`` (bias-free query/key/value projections) or ``standard`` (with biases).
     """
 
     def __init__(
-        self, dim: int, heads: int = 8, head_dim: int = 0, ffn: int = 2048, dropout: float = 0.1, residual: bool = False
+        self,
+        dim: int,
+        heads: int = 8,
+        head_dim: int = 0,
+        ffn: int = 2048,
+        dropout: float = 0.1,
+        residual: bool = False,
+        layout: str = "released",
     ) -> None:
         super().__init__()
         if heads < 1 or (not head_dim and dim % heads):
             raise ValueError(
                 f"VSI layer: heads ({heads}) must be >= 1 and divide the width d = {dim} (or set head_dim)"
             )
-        self.heads, self.head_dim, self.residual, self.p_drop = heads, head_dim or dim // heads, residual, dropout
-        inner = self.heads * self.head_dim
+        if layout not in ("released", "standard"):
+            raise ValueError(f"cprfl.vsi_layout: {layout!r} is not one of ['released', 'standard']")
+        self.heads, self.head_dim, self.residual = heads, head_dim or dim // heads, residual
+        self.p_attn = dropout if layout == "standard" else 0.0  # dropout on the attention weights
+        inner, bias = self.heads * self.head_dim, layout == "standard"
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.q, self.kv, self.out = nn.Linear(dim, inner), nn.Linear(dim, 2 * inner), nn.Linear(inner, dim)
+        self.q, self.kv = nn.Linear(dim, inner, bias=bias), nn.Linear(dim, 2 * inner, bias=bias)
+        self.out = nn.Linear(inner, dim)
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn, dim), nn.Dropout(dropout)
         )
@@ -77,7 +93,7 @@ class VSILayer(nn.Module):
         h = self.norm1(x)
         q = self.q(h[:, T - n_out :]).view(B, n_out, self.heads, self.head_dim).transpose(1, 2)  # (B, H, n, hd)
         k, v = self.kv(h).view(B, T, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, T, hd) each
-        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p_drop if self.training else 0.0)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p_attn if self.training else 0.0)
         a = self.drop(self.out(a.transpose(1, 2).reshape(B, n_out, -1)))  # (B, n, d)
         x = x[:, T - n_out :] + a if self.residual else a
         f = self.ffn(self.norm2(x))
@@ -142,7 +158,7 @@ class CPRFL(nn.Module):
         self.phi = nn.Linear(d0, d)
         hidden = cfg.pi_hidden or max(d // 2, 1)
         self.pi = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, d))
-        self.vsi = VSILayer(d, cfg.heads, cfg.head_dim, cfg.ffn, cfg.vsi_dropout, cfg.vsi_residual)
+        self.vsi = VSILayer(d, cfg.heads, cfg.head_dim, cfg.ffn, cfg.vsi_dropout, cfg.vsi_residual, cfg.vsi_layout)
         self.diversity = build_diversity(diversity or DiversityConfig(), d)
         self.uses_frozen_image_tower = cfg.freeze_backbone  # frozen: the runner may cache the backbone's tokens
         if cfg.freeze_backbone:

@@ -119,14 +119,18 @@ class LinearProbe(FrozenClipModel):
         return {"logits": self.head(self.dropout(f))}
 
 
-def dualcoop_aggregate(s_pos: Tensor, s_neg: Tensor, tau_s: float | Tensor, tau: float | Tensor) -> Tensor:
+def dualcoop_aggregate(
+    s_pos: Tensor, s_neg: Tensor, tau_s: float | Tensor, tau: float | Tensor, released: bool = False
+) -> Tensor:
     """DualCoOp class logits (B, C) from region-class scores (B, N, C) of the positive and negative prompts.
 
     a_{r,c} = softmax_r(tau_s * s+_{r,c}) is shared by both prompts; logit+-_c = tau * sum_r a_{r,c} s+-_{r,c};
-    the result is logit+ - logit-.
+    the result is logit+ - logit-. ``released``: the released code sums the tau_s-scaled scores,
+    logit+-_c = tau * sum_r a_{r,c} (tau_s s+-_{r,c}), so the logits carry tau_s * tau (= 100).
     """
     a = torch.softmax(tau_s * s_pos, dim=1)  # (B, N, C): spatial weights per class
-    return tau * (a * s_pos).sum(dim=1) - tau * (a * s_neg).sum(dim=1)  # (B, C)
+    scale = tau_s * tau if released else tau
+    return scale * (a * s_pos).sum(dim=1) - scale * (a * s_neg).sum(dim=1)  # (B, C)
 
 
 class DiversityModule(nn.Module):

@@ -16,13 +16,17 @@ Both L1 distances are taken on unnormalised features and reduced as the mean abs
 ``l1_loss``: the paper's ||.||_1 per image / class divided by D, averaged over images / classes) **[our
 reading]**; the per-vector norm is that times D (set ``kd_weight`` / ``sc_weight`` = D to get it).
 
-Switches for the authors' released code (default = the paper):
-``fusion=released`` L2-normalises each view's score vector over classes and puts alpha on the *local* view;
-``prompt_init=words`` starts the contexts from "a photo of a"; ``sc_on=local`` ties the local prompts to P^H;
-``stage1_run=""`` runs stage 2 on the un-trained student (the released stage 2 does not load stage 1).
-``student_init=clip`` is the released init and our default (the paper's ImageNet-1K ViT is not available offline;
-``random`` is a from-scratch stand-in). ``embed_head=mlp`` **[our design]** adds a residual two-layer MLP after
-CLIP's projection whose last layer starts at zero, so the student starts exactly at CLIP's embedding.
+Switches for the authors' released code (default = the paper; ``model.preset: released`` sets them all, see
+``cimlic.presets``): ``cosine=False`` scores raw dot products of the features (no L2 normalisation);
+``logit_scale=1`` applies no scale to the fused score; ``fusion=released`` L2-normalises each view's score vector
+over classes and puts alpha on the *local* view; ``prompt_init=words`` starts the contexts from "a photo of a";
+``share_contexts=True`` makes the global and local contexts two parameters over one tensor (the released prompt
+model wraps the same init tensor twice, so every optimiser step applies both parameters' updates to one context);
+``sc_on=local`` ties the local prompts to P^H; ``load_stage1=False`` runs stage 2 on the un-trained student (the
+released stage 2 does not load stage 1). ``student_init=clip`` is the released init and our default (the paper's
+ImageNet-1K ViT is not available offline; ``random`` is a from-scratch stand-in). ``embed_head=mlp`` **[our
+design]** adds a residual two-layer MLP after CLIP's projection whose last layer starts at zero, so the student
+starts exactly at CLIP's embedding.
 """
 
 from __future__ import annotations
@@ -73,11 +77,24 @@ def fuse_views(s_global: Tensor, s_local: Tensor, alpha: float, fusion: str = "p
 
 
 def dual_view_scores(
-    f_global: Tensor, f_local: Tensor, text_global: Tensor, text_local: Tensor, alpha: float, k: int, fusion: str
+    f_global: Tensor,
+    f_local: Tensor,
+    text_global: Tensor,
+    text_local: Tensor,
+    alpha: float,
+    k: int,
+    fusion: str,
+    cosine: bool = True,
 ) -> Tensor:
-    """Unscaled fused cosine scores (B, C) from features (B, D), (B, N, D) and prompt features (C, D), (C, D)."""
-    s_global = F.normalize(f_global, dim=-1) @ F.normalize(text_global, dim=-1).T  # (B, C)
-    s_local = F.normalize(f_local, dim=-1) @ F.normalize(text_local, dim=-1).T  # (B, N, C)
+    """Unscaled fused scores (B, C) from features (B, D), (B, N, D) and prompt features (C, D), (C, D).
+
+    ``cosine`` (paper): cosine similarities; False (released code): raw dot products of the unnormalised features.
+    """
+    if cosine:
+        f_global, f_local = F.normalize(f_global, dim=-1), F.normalize(f_local, dim=-1)
+        text_global, text_local = F.normalize(text_global, dim=-1), F.normalize(text_local, dim=-1)
+    s_global = f_global @ text_global.T  # (B, C)
+    s_local = f_local @ text_local.T  # (B, N, C)
     return fuse_views(s_global, topk_mean(s_local, k, dim=1), alpha, fusion)
 
 
@@ -217,17 +234,20 @@ class HPDVAL(nn.Module):
         _check_config(cfg, stage)
         self.clip, self.stage, self.num_classes = clip, stage, len(classnames)
         self.alpha, self.topk, self.fusion, self.sc_on = cfg.alpha, cfg.topk, cfg.fusion, cfg.sc_on
+        self.cosine = cfg.cosine
         self.scale = float(cfg.logit_scale) if cfg.logit_scale > 0 else clip.logit_scale
         self.uses_frozen_image_tower = stage == "stage2"  # frozen student: its features go to the feature cache
         visual = copy.deepcopy(clip.model.visual).requires_grad_(True)  # own weights, never CLIP's (the teacher)
         student = StudentEncoder(visual, clip.embed_dim, cfg.embed_head, cfg.student_init).to(clip.device)
         if stage == "stage2":
-            if cfg.stage1_run:
+            if cfg.load_stage1 and cfg.stage1_run:
                 load_stage1_student(student, cfg.stage1_run, clip)
                 clip.source = f"{clip.source} + student {Path(cfg.stage1_run) / 'best'}"  # what clip.json records
             else:
-                logger.warning("hpdval_stage2 without hpdval.stage1_run: prompts are tuned on the un-trained "
-                               "student (student_init=%s), as the released code does", cfg.student_init)  # fmt: skip
+                why = "hpdval.load_stage1=false" if not cfg.load_stage1 else "no hpdval.stage1_run"
+                logger.warning("%s: prompts are tuned on the un-trained student (student_init=%s), as the released "
+                               "stage 2 does; stage-1 weights (%s) are not used", why, cfg.student_init,
+                               cfg.stage1_run or "none given")  # fmt: skip
             # frozen parts live under ``clip.``: never checkpointed, always in eval mode, and part of the run's
             # CLIP identity (clip.json), so a changed stage-1 run is detected when the stage-2 run is reloaded
             clip.add_module("student", student.requires_grad_(False).eval())
@@ -241,6 +261,8 @@ class HPDVAL(nn.Module):
         words = WORDS_INIT if cfg.prompt_init == "words" else ""
         self.prompt_global = PromptLearner(clip, classnames, cfg.n_ctx, words) if learn and cfg.learn_global else None
         self.prompt_local = PromptLearner(clip, classnames, cfg.n_ctx, words) if learn and cfg.learn_local else None
+        if learn and cfg.share_contexts:
+            share_context_storage(self.prompt_global, self.prompt_local)
         sc_prompt = self.prompt_global if cfg.sc_on == "global" else self.prompt_local
         self.kd_weight = cfg.kd_weight if stage != "stage2" else 0.0
         self.sc_weight = cfg.sc_weight if learn and cfg.use_sc and sc_prompt is not None else 0.0
@@ -292,7 +314,7 @@ class HPDVAL(nn.Module):
         feats, images = self._features(batch)
         text_global, text_local = self.prompt_features()
         scores = dual_view_scores(
-            feats["global"], feats["local"], text_global, text_local, self.alpha, self.topk, self.fusion
+            feats["global"], feats["local"], text_global, text_local, self.alpha, self.topk, self.fusion, self.cosine
         )  # (B, C)
         out: dict[str, Tensor | dict[str, Tensor]] = {"logits": self.scale * scores}
         aux: dict[str, Tensor] = {}
@@ -313,6 +335,21 @@ class HPDVAL(nn.Module):
         with torch.no_grad():
             teacher = self.clip.encode_image(images)  # (B, D)
         return l1_distance(teacher, f_cls)
+
+
+def share_context_storage(first: PromptLearner | None, second: PromptLearner | None) -> None:
+    """Make ``second.ctx`` a second parameter over ``first.ctx``'s tensor (the released prompt model's layout).
+
+    Both parameters stay separate to the optimiser (each has its own gradient and state), but they write into one
+    tensor, so after every step the two contexts are identical and carry both updates.
+    """
+    if first is None or second is None:
+        raise ValueError("hpdval.share_contexts needs both learn_global and learn_local")
+    if first.ctx.shape != second.ctx.shape:
+        raise ValueError(f"hpdval.share_contexts: context shapes differ ({first.ctx.shape} vs {second.ctx.shape})")
+    second.ctx = nn.Parameter(first.ctx.data)  # shares the storage, not a copy
+    logger.warning("hpdval.share_contexts: the global and local prompts train ONE context tensor through two "
+                   "parameters, as in the released code (the paper has two separate contexts)")  # fmt: skip
 
 
 def _check_config(cfg: HPDVALConfig, stage: str) -> None:

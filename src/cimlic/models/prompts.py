@@ -162,7 +162,9 @@ class DualCoOp(FrozenClipModel):
     Region scores s+-_{r,c} = cos(local_r, t+-_c); the spatial weights softmax_r(tau_s s+_{r,c}) are shared by both
     prompts; logit_c = tau sum_r a_{r,c} s+_{r,c} - tau sum_r a_{r,c} s-_{r,c}. ``ctx_init`` initialises the
     positive context only (the negative one starts at N(0, 0.02)); with ``learn_temps`` tau_s and tau are learned
-    in log space (parameters ``log_tau_s``, ``log_tau``).
+    in log space (parameters ``log_tau_s``, ``log_tau``). Released-code switches: ``released_logit`` (the logits
+    carry tau_s * tau, see :func:`dualcoop_aggregate`) and ``mean_token`` (ResNet CLIPs: the attention pool's mean
+    token is one more region, 50 instead of 49; ViT towers have no such token and keep their patch tokens).
     """
 
     needs_local_features = True
@@ -178,10 +180,17 @@ class DualCoOp(FrozenClipModel):
         tau_s: float = 20.0,
         tau: float = 5.0,
         learn_temps: bool = False,
+        released_logit: bool = False,
+        mean_token: bool = False,
     ) -> None:
         super().__init__(clip)
         if tau_s <= 0 or tau <= 0:
             raise ValueError(f"DualCoOp temperatures must be > 0 (tau_s={tau_s}, tau={tau})")
+        self.released_logit = released_logit
+        self.mean_token = mean_token and clip.has_mean_token
+        if mean_token and not clip.has_mean_token:
+            logger.info("model.dense_mean_token: CLIP %s has no attention-pool mean token; its patch tokens are the "
+                        "regions", clip.arch)  # fmt: skip
         self.prompt_pos = PromptLearner(clip, classnames, n_ctx, ctx_init, csc)
         self.prompt_neg = PromptLearner(clip, classnames, n_ctx_neg, "", csc)
         for name, value in (("log_tau_s", tau_s), ("log_tau", tau)):
@@ -211,5 +220,8 @@ class DualCoOp(FrozenClipModel):
         return local @ F.normalize(pos, dim=-1).T, local @ F.normalize(neg, dim=-1).T
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        s_pos, s_neg = self.region_scores(self.batch_features(batch)["local"])
-        return {"logits": dualcoop_aggregate(s_pos, s_neg, self.tau_s, self.tau)}
+        local = self.batch_features(batch)["local"]  # (B, N, D)
+        if self.mean_token:
+            local = self.clip.add_mean_token(local)  # (B, 1 + N, D)
+        s_pos, s_neg = self.region_scores(local)
+        return {"logits": dualcoop_aggregate(s_pos, s_neg, self.tau_s, self.tau, self.released_logit)}
