@@ -363,3 +363,38 @@ def test_released_preset_trains_and_reloads_end_to_end(glyph_data, tmp_path):
     config.write_text(yaml.safe_dump(paper))
     assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "paper")]) == 0
     assert yaml.safe_load((tmp_path / "paper" / "eval.json").read_text())["map"] != pytest.approx(first["map"])
+
+
+def test_shared_contexts_resume_exactly(tmp_path):
+    """Released stage 2 (shared contexts, DB with pos_scale, EMA, one-cycle): stop + resume == one run, bitwise."""
+    from cimlic.cache import CachedFeatureDataset
+    from cimlic.config import TrainConfig
+    from cimlic.engine import Trainer
+    from cimlic.losses import build_loss
+
+    cfg = load_config(None, ["model.name=hpdval_stage2", "model.preset=released", "seed=3"])
+    cfg.train = TrainConfig(epochs=3, batch_size=8, lr=0.05, device="cpu", num_workers=0, log_every=1,
+                            ema=cfg.train.ema, schedule=cfg.train.schedule)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+
+    def data(n: int) -> CachedFeatureDataset:
+        feats = {"global": torch.randn(n, 128, generator=g), "local": torch.randn(n, 5, 128, generator=g)}
+        return CachedFeatureDataset(feats, (torch.rand(n, len(CLASSES), generator=g) < 0.4).float())
+
+    train, val, test = data(24), data(12), data(12)
+    counts = train.targets.sum(0).clamp(min=1)
+
+    def trainer(run: Path) -> Trainer:
+        model = _hpdval(**{k: getattr(cfg.model.hpdval, k) for k in ("cosine", "fusion", "logit_scale", "alpha",
+                        "prompt_init", "share_contexts", "sc_on")}, topk=2)  # fmt: skip
+        loss = build_loss(cfg.loss, counts, len(train))
+        return Trainer(cfg, model, loss, train, val, test, CLASSES, counts, run)
+
+    ref = trainer(tmp_path / "a")
+    ref_result = ref.fit()
+    assert trainer(tmp_path / "b").fit(stop_after_epochs=1) == {"stopped_after_epoch": 1}
+    resumed = trainer(tmp_path / "b")
+    assert resumed.fit(resume=True) == ref_result
+    for name in ("prompt_global", "prompt_local"):
+        assert torch.equal(getattr(resumed.model, name).ctx, getattr(ref.model, name).ctx)
+    assert resumed.model.prompt_global.ctx.data_ptr() == resumed.model.prompt_local.ctx.data_ptr()

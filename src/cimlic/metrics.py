@@ -220,8 +220,6 @@ def evaluate(
     s, t = _check_matrices(scores, targets)
     if s.shape[1] != len(classnames):
         raise ValueError(f"scores have {s.shape[1]} columns but {len(classnames)} class names were given")
-    if scores_are_logits and s.size and s.min() >= 0.0 and s.max() <= 1.0:
-        logger.warning("scores_are_logits=True but every score is in [0, 1]: are these probabilities?")
     if not scores_are_logits and s.size and (s.min() < 0.0 or s.max() > 1.0):
         raise ValueError("scores_are_logits=False but some scores are outside [0, 1]")
     if ap_scores not in AP_SCORES:
