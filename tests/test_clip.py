@@ -43,7 +43,7 @@ def test_tiny_clip_is_frozen_and_stays_in_eval(tiny, arch):
     assert parent[1].training
     assert not any(m.training for m in clip.modules())
     assert not any(p.requires_grad for p in clip.parameters())
-    assert clip.embed_dim == 128 and clip.text_width == 128 and clip.context_length == 32
+    assert clip.embed_dim == 128 and clip.context_length == 32
     assert clip.logit_scale == pytest.approx(1 / 0.07, rel=1e-5)
     assert len(clip.image_mean) == 3 and len(clip.image_std) == 3
 
@@ -198,7 +198,7 @@ def test_error_missing_file(tmp_path):
 def test_error_garbage_file(tmp_path, suffix):
     path = tmp_path / f"garbage{suffix}"
     path.write_bytes(b"\x00not a checkpoint\xff" * 10)
-    with pytest.raises(ClipError, match=f"garbage\\{suffix}: not a readable checkpoint") as err:
+    with pytest.raises(ClipError, match=f"garbage\\{suffix}: not a readable CLIP checkpoint") as err:
         load_clip("cimlic-tiny-vit", checkpoint=path)
     assert "\n" not in str(err.value)
 

@@ -19,6 +19,7 @@ from cimlic import checkpoint as ckpt
 from cimlic.cache import weights_digest
 from cimlic.cli import main
 from cimlic.config import CPRFLConfig, DiversityConfig, ModelConfig
+from cimlic.errors import ConfigError
 from cimlic.models import build_model
 from cimlic.models.backbones import build_backbone, list_backbones
 from cimlic.models.cprfl import CPRFL, VSILayer
@@ -214,10 +215,10 @@ def test_backbone_weights_from_local_file(tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pt")
     with pytest.raises(ValueError, match=r"r34\.pt: weights do not fit .*unexpected"):
         build_backbone("resnet18", str(tmp_path / "r34.pt"))
-    with pytest.raises(FileNotFoundError, match="nope.pt"):
+    with pytest.raises(ConfigError, match="nope.pt: backbone weights file not found"):
         build_backbone("resnet18", str(tmp_path / "nope.pt"))
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    with pytest.raises(ValueError, match=r"bad\.pt: not a readable weights file"):
+    with pytest.raises(ConfigError, match=r"bad\.pt: not a readable backbone weights file"):
         build_backbone("resnet18", str(tmp_path / "bad.pt"))
 
 

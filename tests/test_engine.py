@@ -16,10 +16,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler, SequentialSampler
 
-from cimlic.checkpoint import load_checkpoint, load_state, trainable_state
+from cimlic.checkpoint import load_checkpoint, load_state, read_checkpoint, trainable_state
 from cimlic.config import Config, LossConfig, TrainConfig
-from cimlic.engine import EMA, RunDirError, Trainer, init_distributed, lr_at, shard
+from cimlic.distributed import init_distributed, shard
+from cimlic.engine import Trainer
 from cimlic.losses import BCELoss, build_loss
+from cimlic.optim import EMA, lr_at
+from cimlic.rundir import RunDirError
 
 C, D = 4, 8
 CLASSNAMES = ["a", "b", "c", "d"]
@@ -243,17 +246,15 @@ def test_select_on_test_is_labelled_and_sampler_from_config(tmp_path):
     assert [r["split"] for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "split" in r] == ["test"] * 3
 
 
-def test_predict_uses_ema_weights(tmp_path):
-    trainer = make_trainer(tmp_path / "run", make_cfg(epochs=1, ema=0.5))
-    trainer.fit()
-    _, _, test = splits()
-    logits = trainer.predict(test)
-    assert logits.shape == (37, C)
-    with torch.no_grad():
-        trainer.model.eval()
-        with trainer.ema.swap(trainer.model):
-            expected = trainer.model({"feat_global": test.x})["logits"]
-    torch.testing.assert_close(logits, expected)
+def test_checkpoints_hold_the_ema_weights(tmp_path):
+    """What eval and predict load (``best``/``last``) are the EMA weights, not the raw ones."""
+    trainer = make_trainer(tmp_path / "run", make_cfg(epochs=2, ema=0.5))
+    assert trainer.fit(stop_after_epochs=1) == {"stopped_after_epoch": 1}
+    best, _ = read_checkpoint(tmp_path / "run" / "best")
+    raw = trainable_state(trainer.model)
+    for name, shadow in trainer.ema.shadow.items():
+        assert torch.equal(best[name], shadow.cpu()), name
+    assert any(not torch.equal(best[k], raw[k]) for k in trainer.ema.shadow)
 
 
 # ---------------------------------------------------------------------------------------- resume

@@ -347,6 +347,7 @@ def test_grad_balance_all_reduces_increments(monkeypatch):
         tensor.mul_(2)
 
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
     multi = GradBalanceLoss(4)
     multi(logits, targets)

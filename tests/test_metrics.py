@@ -114,7 +114,7 @@ def test_class_without_positive_excluded_and_listed():
     targets[:, 1] = 0  # 'b' has no positive ...
     targets[:3, 1] = -1  # ... and a few unknowns
     targets[0, 2] = -1
-    res = evaluate(scores, targets, ["a", "b", "c"], train_counts=[200, 50, 5])
+    res = evaluate(scores, targets, ["a", "b", "c"], group_counts=[200, 50, 5])
     assert res["no_positive_classes"] == ["b"] and res["per_class_ap"]["b"] is None
     ap_a, ap_c = res["per_class_ap"]["a"], res["per_class_ap"]["c"]
     assert res["map"] == pytest.approx((ap_a + ap_c) / 2)
@@ -131,7 +131,7 @@ def test_groups_from_voc_lt_train(shared_data):
     assert len(train) == 1142
     rng = np.random.default_rng(3)
     logits = rng.normal(size=test.targets.shape) + 2.0 * test.targets
-    res = evaluate(logits, test.targets, test.classnames, train_counts=train.class_counts())
+    res = evaluate(logits, test.targets, test.classnames, group_counts=train.class_counts())
     groups = np.array([res["groups"][n] for n in test.classnames])
     assert [int((groups == g).sum()) for g in ("head", "medium", "tail")] == [6, 6, 8]
     assert res["groups"]["person"] == "head" and res["groups"]["cow"] == "tail"
@@ -198,7 +198,7 @@ def test_evaluator_batches_equal_one_shot_and_reset():
     targets = (rng.random((103, 4)) < 0.3).astype(np.int64)
     targets[rng.random((103, 4)) < 0.1] = -1
     names, counts = ["w", "x", "y", "z"], [150, 40, 10, 500]
-    ev = Evaluator(4, names, train_counts=counts, top_k=2)
+    ev = Evaluator(4, names, group_counts=counts, top_k=2)
     for lo in range(0, 103, 16):
         ev.update(torch.from_numpy(logits[lo : lo + 16]), torch.from_numpy(targets[lo : lo + 16]).float())
     res = ev.compute()
@@ -212,15 +212,6 @@ def test_evaluator_batches_equal_one_shot_and_reset():
         ev.update(logits[:, :3], targets[:, :3])
     with pytest.raises(ValueError, match="NaN"):
         ev.update(np.full((1, 4), np.nan), targets[:1])  # a diverged model is reported, not ranked
-
-
-def test_evaluator_from_config():
-    from cimlic.config import EvalConfig
-
-    ev = Evaluator.from_config(EvalConfig(ap="voc07_11pt", cf1="mean", top_k=3), ["a", "b", "c"])
-    ev.update(PROBS * 4 - 2, TARGETS)
-    res = ev.compute()
-    assert res["ap_variant"] == "voc07_11pt" and res["cf1_definition"] == "mean" and "of1_top3" in res
 
 
 # ------------------------------------------------------------------------------------ read_scores
@@ -266,7 +257,7 @@ def _free_port() -> int:
 def _ddp_worker(rank: int, port: int, shards: list, out: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        ev = Evaluator(3, ["a", "b", "c"], train_counts=[300, 30, 3], top_k=1)
+        ev = Evaluator(3, ["a", "b", "c"], group_counts=[300, 30, 3], top_k=1)
         scores, targets = shards[rank]
         for lo in range(0, len(scores), 7):  # several batches per rank
             ev.update(torch.from_numpy(scores[lo : lo + 7]), torch.from_numpy(targets[lo : lo + 7]))

@@ -25,6 +25,9 @@ EXPECTED_TRAINABLE = {
 }
 
 
+STATE_BUFFERS = {"trmml": {"visual_proto", "proto_seen", "pos_threshold", "neg_threshold", "threshold_ready"}}
+
+
 def _build(name: str, arch: str = "cimlic-tiny-vit", **overrides):
     torch.manual_seed(0)
     cfg = ModelConfig(name=name, clip_arch=arch, random_init=True, **overrides)
@@ -70,8 +73,8 @@ def test_trainable_parameters_and_gradients(name):
     assert not any(n.startswith("clip.") for n in trainable)
     assert not any(p.requires_grad for p in model.clip.parameters())
     # checkpoints hold exactly the trainable tensors once CLIP's are left out (derived buffers are not persistent),
-    # plus the training state a model declares in ``state_buffers`` (TRM-ML's prototypes and thresholds)
-    state = set(getattr(model, "state_buffers", ()))
+    # plus the training state kept in persistent buffers (TRM-ML's prototypes and thresholds)
+    state = STATE_BUFFERS.get(name, set())
     assert {k for k in model.state_dict() if not k.startswith("clip.")} == trainable | state
     if name == "trmml":  # its MLP's last layer starts at zero (pure attention pooling): as after some training
         torch.nn.init.normal_(model.mlp[-1].weight, std=0.02)
@@ -193,8 +196,6 @@ def test_lmpt_loss_inputs():
     loss = loss_fn(out["logits"], targets, **inputs)
     loss.backward()
     assert torch.isfinite(loss) and model.prompt.ctx.grad.abs().sum() > 0
-    by_string = model({"image": _images(model, n=2), "caption": captions})["loss_inputs"]["caption_emb"]
-    torch.testing.assert_close(by_string, inputs["caption_emb"])
     assert "loss_inputs" not in model.eval()({"image": _images(model, n=2)})
     with pytest.raises(ValueError, match="caption_tokens must be"):
         model({"image": _images(model, n=2), "caption_tokens": tokens[:, :5]})

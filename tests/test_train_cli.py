@@ -74,7 +74,8 @@ def test_predict_matches_eval_logits(world, tmp_path):
     """Scores written by predict equal sigmoid of the logits the evaluator used (same transform, same weights)."""
     import torch
 
-    from cimlic.engine import forward_all, resolve_device
+    from cimlic.distributed import resolve_device
+    from cimlic.engine import forward_all
     from cimlic.runner import build_datasets, load_run, load_splits
 
     run = tmp_path / "run"

@@ -22,6 +22,9 @@ CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 C = len(CLASSES)
 
 
+STATE_BUFFERS = ("visual_proto", "proto_seen", "pos_threshold", "neg_threshold", "threshold_ready")
+
+
 def _build(diversity: bool = False, arch: str = "cimlic-tiny-vit", **trmml):
     torch.manual_seed(0)
     cfg = ModelConfig(name="trmml", clip_arch=arch, random_init=True, trmml=TRMMLConfig(**trmml),
@@ -275,11 +278,11 @@ def test_state_dict_round_trip_resumes_identically():
     model = _build(dropout=0.0, warmup_epochs=1).train()
     _run_epoch(model, 0)
     state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("clip.")}
-    assert set(model.state_buffers) <= set(state)  # prototypes and thresholds travel with checkpoints
+    assert set(STATE_BUFFERS) <= set(state)  # prototypes and thresholds travel with checkpoints
     assert model.threshold_ready.all() and model.proto_seen.all()
     fresh = _build(dropout=0.0, warmup_epochs=1).train()
     fresh.load_state_dict(state, strict=False)
-    for name in model.state_buffers:
+    for name in STATE_BUFFERS:
         assert torch.equal(getattr(fresh, name), getattr(model, name)), name
     a, _ = _run_epoch(model, 1, seed=7)
     b, _ = _run_epoch(fresh, 1, seed=7)
@@ -344,7 +347,7 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
     assert ranks[0]["stats"] == ranks[1]["stats"] == stats
     for i, ref in enumerate(outs):
         assert torch.equal(torch.cat([ranks[0]["targets"][i], ranks[1]["targets"][i]]), ref)
-    for name in model.state_buffers:
+    for name in STATE_BUFFERS:
         assert torch.equal(ranks[0][name], ranks[1][name]), name  # every rank keeps identical state
         torch.testing.assert_close(ranks[0][name], getattr(model, name), atol=1e-6, rtol=0)
 

@@ -13,19 +13,18 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cimlic.data.dataset import MultiLabelDataset
-from cimlic.data.labels import atomic_write_text
+from cimlic.io import atomic_write_text, save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -81,17 +80,6 @@ def compute_features(
     return {name: torch.cat(values) for name, values in chunks.items()}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_compute(
     fn: FeatureFn,
     tower: nn.Module,
@@ -133,7 +121,7 @@ def load_or_compute(
             logger.warning("%s: unreadable cache entry (%s); recomputing", path, err)
     logger.info("computing image features for %d images (cache %s)", len(dataset), path.name)
     feats = compute_features(fn, dataset, batch_size, num_workers, device)
-    _atomic_save(feats, path)
+    save_safetensors(path, feats)
     shapes = {k: list(v.shape) for k, v in feats.items()}
     atomic_write_text(cache_dir / f"{key}.json", json.dumps(parts | {"shapes": shapes}, indent=2) + "\n")
     return feats

@@ -14,12 +14,9 @@ The resume state (``state.pt``) is a plain dict of tensors, numbers, strings, li
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import metadata
@@ -29,9 +26,12 @@ from typing import Any
 import numpy as np
 import safetensors.torch
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from torch import Tensor, nn
+
+from cimlic.distributed import all_gather_objects
+from cimlic.errors import CimlicError
+from cimlic.io import atomic_write_files, json_bytes, read_json, save_torch, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ FORMAT = "cimlic-checkpoint-1"
 FROZEN_PREFIX = "clip."  # frozen CLIP lives under the model attribute ``clip``
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CimlicError, ValueError):
     """A checkpoint or state file is missing, corrupt or does not fit the model (one-line message)."""
 
 
@@ -73,78 +73,14 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, Tensor], strict: b
         CheckpointError: missing or unexpected names (``strict``), or a shape mismatch (always).
     """
     live = trainable_tensors(model)
-    missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
-    if strict and (missing or unexpected):
-        what = [f"{name} keys {keys[:5]}" for name, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise CheckpointError(f"{source}: {', '.join(what)}")
     common = [k for k in live if k in tensors]
-    bad = [
-        f"{k} {tuple(tensors[k].shape)} vs model {tuple(live[k].shape)}"
-        for k in common
-        if tensors[k].shape != live[k].shape
-    ]
-    if bad:
-        raise CheckpointError(f"{source}: shape mismatch {bad[:3]}")
+    expected = live if strict else {k: live[k] for k in common}
+    problems = state_dict_mismatch(expected, tensors if strict else {k: tensors[k] for k in common})
+    if problems:
+        raise CheckpointError(f"{source}: {'; '.join(problems)}")
     with torch.no_grad():
         for k in common:
             live[k].copy_(tensors[k])
-
-
-# ------------------------------------------------------------------------------------- atomic I/O
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _temp_file(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a flushed temporary file beside ``path``; return its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def atomic_write_files(items: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
-    """Write every (path, bytes) pair: all temporary files first, then the renames (none if a write fails)."""
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for path, data in items:
-            temps.append((_temp_file(Path(path), data), Path(path)))
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            tmp.unlink(missing_ok=True)  # only left-overs of a failed write still exist
-
-
-def jsonable(x: Any) -> Any:
-    """``json.dumps`` default: tensors and arrays as lists, numpy scalars as numbers, anything else as text."""
-    if isinstance(x, Tensor | np.ndarray):
-        return x.tolist()
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"cannot write {type(x).__name__} to JSON")
-
-
-def json_bytes(obj: Any) -> bytes:
-    """Indented UTF-8 JSON of ``obj`` (numpy values and tensors become numbers and lists)."""
-    return (json.dumps(obj, indent=2, default=jsonable) + "\n").encode("utf-8")
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically."""
-    atomic_write_files([(path, json_bytes(obj))])
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -204,10 +140,7 @@ def read_checkpoint(path_stem: str | os.PathLike) -> tuple[dict[str, Tensor], di
     for p in (tensor_path, json_path):
         if not p.is_file():
             raise CheckpointError(f"{p}: checkpoint file not found")
-    try:
-        meta = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{json_path}: unreadable checkpoint metadata ({err})") from None
+    meta = read_json(json_path, CheckpointError, "checkpoint metadata")
     blob = tensor_path.read_bytes()
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path}: not a cimlic checkpoint sidecar (format {FORMAT!r} expected)")
@@ -283,9 +216,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_state(path: str | os.PathLike, state: dict) -> None:
     """``torch.save`` the resume state atomically (keep it to tensors, numbers, strings, lists and dicts)."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_files([(path, buffer.getvalue())])
+    save_torch(path, state)
 
 
 def load_state(path: str | os.PathLike) -> dict:
@@ -304,12 +235,7 @@ def load_state(path: str | os.PathLike) -> dict:
 
 def gather_rng_states() -> list[dict]:
     """``get_rng_state()`` of every rank in rank order (a collective under torch.distributed)."""
-    state = get_rng_state()
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [state]
-    states: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
+    return all_gather_objects(get_rng_state())
 
 
 def training_state(

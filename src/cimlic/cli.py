@@ -10,14 +10,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cimlic import __version__
-from cimlic.config import ConfigError
-from cimlic.data.dataset import ImageFileError
-from cimlic.data.labels import LabelFileError, atomic_write_text, read_classes, read_label_list, write_label_list
-from cimlic.data.splits import SplitError
+from cimlic.data.labels import read_classes, read_label_list, write_label_list
+from cimlic.distributed import close_distributed, rank
+from cimlic.errors import CimlicError, ConfigError
+from cimlic.io import atomic_write_text
 
 logger = logging.getLogger("cimlic")
 
-USER_ERRORS = (LabelFileError, SplitError, ConfigError, ImageFileError, FileNotFoundError)
+# what a command reports as one line (exit 2): the project's own errors and a missing file the user named;
+# anything else is a bug and keeps its traceback
+USER_ERRORS = (CimlicError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------------ split
@@ -102,12 +104,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     classes = read_classes(args.classes)
     test = read_label_list(args.labels, classes)
-    train_counts = read_label_list(args.train_labels, classes).class_counts() if args.train_labels else None
+    group_counts = read_label_list(args.train_labels, classes).class_counts() if args.train_labels else None
     scores = read_scores(args.scores, len(test), len(classes))
     logits = args.scores_kind == "logits" or (args.scores_kind == "auto" and not ((scores >= 0) & (scores <= 1)).all())
     if args.scores_kind == "probs" and not ((scores >= 0) & (scores <= 1)).all():
         raise ConfigError(f"{args.scores}: --scores-kind probs but some scores are outside [0, 1]")
-    result = evaluate(scores, test.targets, classes, train_counts=train_counts, ap_variant=args.ap,
+    result = evaluate(scores, test.targets, classes, group_counts=group_counts, ap_variant=args.ap,
                       threshold=args.threshold, scores_are_logits=logits)  # fmt: skip
     print(f"{args.scores}: {len(test)} images x {len(classes)} classes, scores read as "
           f"{'logits (sigmoid for thresholds)' if logits else 'probabilities'}, AP variant {args.ap}")  # fmt: skip
@@ -133,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg, run_dir = _config_and_run_dir(args)
     result = train_run(cfg, run_dir, resume=args.resume)
-    if _rank() == 0:
+    if rank() == 0:
         print(format_table(result))
         print(f"run folder: {run_dir} (eval.json, config.yaml, metrics.jsonl, best/last checkpoints)")
     return 0
@@ -186,7 +188,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
     cfg, run_dir = _config_and_run_dir(args)
     summary = run_fewshot(cfg, run_dir, resume=args.resume)
-    if _rank() == 0:
+    if rank() == 0:
         print(format_fewshot(summary))
         print(f"wrote {run_dir / 'fewshot.json'}")
     return 0
@@ -198,12 +200,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = write_report(args.runs, args.out, title=args.title)
     print(f"wrote {out}")
     return 0
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 # ------------------------------------------------------------------------------------------- demo
@@ -390,11 +386,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cimlic").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from cimlic.checkpoint import CheckpointError
-    from cimlic.metrics import ScoreFileError
-    from cimlic.models.clip import ClipError
-    from cimlic.rundir import RunDirError
-
     try:
         if args.command == "prepare":
             need = {"voc-lt": ("voc2012", "voc2007"), "voc07": ("voc2007",)}.get(args.dataset, ("coco",))
@@ -402,21 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if missing:
                 raise ConfigError(f"prepare {args.dataset} needs {' and '.join(missing)}")
         return int(args.func(args) or 0)
-    except (*USER_ERRORS, ScoreFileError, CheckpointError, RunDirError, ClipError, ValueError) as err:
+    except USER_ERRORS as err:
         if args.verbose:
             raise
         print(f"cimlic: error: {err}", file=sys.stderr)
         return 2
     finally:
-        _close_distributed()
-
-
-def _close_distributed() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # without it gloo can abort at exit while a peer is still sending
-        dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

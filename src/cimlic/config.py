@@ -18,11 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+from cimlic.errors import ConfigError
+
 logger = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid (the message says where and why)."""
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -428,6 +426,6 @@ def load_config(
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically: temp file + rename)."""
-    from cimlic.data.labels import atomic_write_text
+    from cimlic.io import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,17 +1,35 @@
-"""Process set-up: seeding, devices, torch.distributed (torchrun) and data sharding."""
+"""Process set-up and every torch.distributed helper: seeding, devices, ranks, collectives, data sharding.
+
+Nothing else in the project asks torch.distributed whether it is running: :func:`is_distributed` and
+:func:`world` answer it, and the collectives below are no-ops (or identities) in a single process.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 logger = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def seed_everything(seed: int) -> None:
@@ -40,14 +58,64 @@ def init_distributed() -> tuple[int, int]:
 
 
 def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
         dist.barrier()
+
+
+def close_distributed() -> None:
+    """Leave the process group cleanly (a barrier first: gloo can abort at exit while a peer still sends)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Run the body on rank 0 first, then on the other ranks (e.g. rank 0 fills a cache the others then read)."""
+    active = is_distributed()
+    if active and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if active and dist.get_rank() == 0:
+        dist.barrier()
+
+
+def all_reduce_(x: Tensor) -> Tensor:
+    """Sum ``x`` over the ranks in place (identity in a single process); returns ``x``."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def all_gather_cat(x: Tensor) -> Tensor:
+    """Concatenate every rank's (n_r, ...) tensor along dim 0 in rank order; the n_r may differ (identity alone)."""
+    if not is_distributed():
+        return x
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    padded = x.new_zeros((int(max(sizes)), *x.shape[1:]))  # all_gather needs equal shapes
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)])
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable ``obj`` in rank order (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def resolve_device(spec: str) -> torch.device:

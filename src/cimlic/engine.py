@@ -5,7 +5,7 @@ A run folder holds ``config.yaml`` (resolved config), ``metrics.jsonl`` (one JSO
 (``.safetensors`` + ``.json``: the weights that were evaluated, i.e. the EMA weights when EMA is on),
 ``state.pt`` (everything needed to resume, including the raw weights) and ``eval.json`` (test metrics of the
 selected checkpoint). Checkpoint and state I/O live in ``cimlic.checkpoint``, schedules and EMA in
-``cimlic.optim``, process set-up in ``cimlic.distributed`` (their names are re-exported here).
+``cimlic.optim``, process set-up in ``cimlic.distributed``.
 """
 
 from __future__ import annotations
@@ -27,21 +27,19 @@ from tqdm.auto import tqdm
 
 from cimlic import checkpoint as ckpt
 from cimlic import rundir
-from cimlic.checkpoint import CheckpointError  # noqa: F401  (re-exported for callers)
 from cimlic.config import Config, TrainConfig, save_config, to_dict
 from cimlic.data.samplers import build_sampler
-from cimlic.distributed import barrier, init_distributed, resolve_device, seed_everything, shard, world
+from cimlic.distributed import barrier, resolve_device, seed_everything, shard, world
+from cimlic.errors import ConfigError
+from cimlic.io import write_json
 from cimlic.metrics import Evaluator, format_table
 from cimlic.optim import EMA, build_optimizer, lr_at
-from cimlic.rundir import RunDirError  # noqa: F401  (re-exported for callers)
 
 logger = logging.getLogger(__name__)
 
 # Config keys that may change when a run is resumed (they do not change what is computed, or extend it).
 RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.device", "train.num_workers", "train.log_every")
 SUMMARY_KEYS = ("map", "head", "medium", "tail", "var")
-__all__ = ["EMA", "Trainer", "evaluate_logits", "forward_all", "init_distributed", "lr_at", "resolve_device",
-           "seed_everything", "shard"]  # fmt: skip
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -75,11 +73,11 @@ def forward_all(model: nn.Module, dataset: Dataset, cfg: TrainConfig, device: to
     return (torch.cat(logits), torch.cat(targets)) if logits else (empty, empty)
 
 
-def evaluate_logits(logits: Tensor, targets: Tensor, cfg: Config, classnames: Sequence[str], train_counts) -> dict:
-    """Evaluator metrics (``cfg.eval`` settings, groups from ``train_counts``); a collective under DDP."""
+def evaluate_logits(logits: Tensor, targets: Tensor, cfg: Config, classnames: Sequence[str], group_counts) -> dict:
+    """Evaluator metrics (``cfg.eval`` settings, groups from ``group_counts``); a collective under DDP."""
     e, d = cfg.eval, cfg.data
     evaluator = Evaluator(
-        len(classnames), list(classnames), train_counts, e.ap, e.threshold, e.cf1, e.top_k,
+        len(classnames), list(classnames), group_counts, e.ap, e.threshold, e.cf1, e.top_k,
         head_threshold=d.head_threshold, tail_threshold=d.tail_threshold, ap_scores=e.ap_scores,
     )  # fmt: skip
     if len(logits):
@@ -102,7 +100,8 @@ class Trainer:
         val_set: model-selection split, or None (then the last epoch is selected).
         test_set: the split the selected checkpoint is tested on.
         classnames: the C class names.
-        train_counts: (C,) training images per class (head/medium/tail groups).
+        group_counts: (C,) n_c of the full training list (before a validation split is carved from it), which
+            define the head/medium/tail groups.
         run_dir: the run folder (created; must be empty unless resuming).
         sampler: training sampler; default ``build_sampler(cfg.sampler, train_set.targets, ...)``, a
             DistributedSampler under DDP with the random sampler, or plain seeded shuffling.
@@ -117,12 +116,12 @@ class Trainer:
         val_set: Dataset | None,
         test_set: Dataset,
         classnames: Sequence[str],
-        train_counts: Sequence[int] | np.ndarray | Tensor | None,
+        group_counts: Sequence[int] | np.ndarray | Tensor | None,
         run_dir: str | os.PathLike,
         sampler: Sampler | None = None,
     ) -> None:
         self.cfg, self.run_dir, self.classnames = cfg, Path(run_dir), list(classnames)
-        self.train_counts = None if train_counts is None else np.asarray(train_counts).astype(np.int64).tolist()
+        self.group_counts = None if group_counts is None else np.asarray(group_counts).astype(np.int64).tolist()
         self.datasets = {"train": train_set, "val": val_set, "test": test_set}
         self.rank, self.world_size = world()
         self.device = resolve_device(cfg.train.device)
@@ -142,7 +141,7 @@ class Trainer:
         self.step, self.epoch, self._tic = 0, 0, (time.perf_counter(), 0)
         self.best: dict[str, Any] = {"map": -math.inf, "epoch": None, "metrics": None}
         if test_set is None and val_set is None:
-            raise ValueError("Trainer needs a test or a validation split to evaluate on")
+            raise ConfigError("Trainer needs a test or a validation split to evaluate on")
         if self.datasets[cfg.eval.select_on] is None:
             logger.warning("no %s split: the last epoch's weights are selected", cfg.eval.select_on)
 
@@ -211,11 +210,7 @@ class Trainer:
         A collective under DDP: each rank scores a contiguous block of the dataset, the Evaluator gathers them.
         """
         logits, targets = self._forward_all(shard(dataset, self.rank, self.world_size))  # (n_r, C) each
-        return evaluate_logits(logits, targets, self.cfg, self.classnames, self.train_counts)
-
-    def predict(self, dataset: Dataset) -> Tensor:
-        """(N, C) logits of every item of ``dataset`` in order (no grad, eval mode, EMA weights when enabled)."""
-        return self._forward_all(dataset)[0]
+        return evaluate_logits(logits, targets, self.cfg, self.classnames, self.group_counts)
 
     # ------------------------------------------------------------------------------ loop helpers
     def _default_sampler(self, train_set: Dataset) -> Sampler | None:
@@ -357,7 +352,7 @@ class Trainer:
         result = {**test, "split": split, "selected_epoch": self.best["epoch"], "selected_on": selected_on}
         result["selection"] = self.best["metrics"]
         if self.rank == 0:
-            ckpt.write_json(self.run_dir / "eval.json", result)
+            write_json(self.run_dir / "eval.json", result)
             self._write_jsonl({"step": self.step, "epoch": self.epoch, "split": split, **_summary(test)})
             logger.info("%s, epoch %s selected on %s:\n%s", split, self.best["epoch"], selected_on, format_table(test))
         barrier()
@@ -367,7 +362,7 @@ class Trainer:
         return {
             "config": to_dict(self.cfg),
             "classnames": self.classnames,
-            "train_counts": self.train_counts,
+            "group_counts": self.group_counts,
             "epoch": self.epoch,
             "step": self.step,
             "selected_on": self.cfg.eval.select_on,

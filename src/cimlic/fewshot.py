@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cimlic import checkpoint as ckpt
 from cimlic.config import Config, ConfigError
 from cimlic.data.labels import LabelSet, read_classes, read_label_list, write_label_list
+from cimlic.io import write_json
 from cimlic.rundir import RunDirError
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
             maps.append(result["map"])
             logger.info("%d-shot episode %d: novel mAP %.2f", shots, episode, result["map"])
         summary["shots"][str(shots)] = {"episodes": maps, "mean": float(np.mean(maps)), "std": float(np.std(maps))}
-    ckpt.write_json(run_dir / "fewshot.json", summary)
+    write_json(run_dir / "fewshot.json", summary)
     return summary
 
 

@@ -13,11 +13,12 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cimlic.config import LossConfig
+from cimlic.distributed import all_reduce_
+from cimlic.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def _focal_elem(z: Tensor, y: Tensor, gamma: float, alpha: float = -1.0) -> Tens
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
-        raise ValueError(f"{what}: {value!r} is not one of {list(choices)}")
+        raise ConfigError(f"{what}: {value!r} is not one of {list(choices)}")
 
 
 # -------------------------------------------------------------------------------------- simple losses
@@ -168,7 +169,7 @@ class ClassBalancedLoss(_MeanLoss):
         super().__init__(partial)
         _check_choice(base, ("bce", "focal"), "CB base")
         if not 0.0 <= beta < 1.0:
-            raise ValueError(f"CB beta must be in [0, 1), got {beta}")
+            raise ConfigError(f"CB beta must be in [0, 1), got {beta}")
         counts = _as_counts(class_counts)
         weight = (1.0 - beta) / (1.0 - beta**counts)  # (C,)
         self.register_buffer("class_weight", weight * weight.numel() / weight.sum())
@@ -217,12 +218,12 @@ class DistributionBalancedLoss(nn.Module):
         _check_choice(bias_convention, ("paper", "released"), "DB bias_convention")
         _check_choice(focal_reduction, ("element", "batch"), "DB focal_reduction")
         if not pos_scale > 0:
-            raise ValueError(f"DB pos_scale must be > 0, got {pos_scale}")
+            raise ConfigError(f"DB pos_scale must be > 0, got {pos_scale}")
         if focal_reduction == "batch" and focal:
             logger.warning("DB focal_reduction=batch: one focal factor per batch, a bug of the released DB code "
                            "(reproduced on request; the per-element factor is the DB paper's)")  # fmt: skip
         if lam <= 0:
-            raise ValueError(f"DB lam must be > 0, got {lam}")
+            raise ConfigError(f"DB lam must be > 0, got {lam}")
         if num_images is None or num_images <= 0:
             raise ValueError(f"DB needs the number of training images (num_images > 0), got {num_images}")
         counts = _as_counts(class_counts)
@@ -324,8 +325,7 @@ class GradBalanceLoss(_MeanLoss):
     def _accumulate(self, z: Tensor, y: Tensor, known: Tensor, weight: Tensor) -> None:
         grad = weight * self._abs_grad(z, y) * known  # (B, C); z is detached and the weights are buffers
         inc = torch.stack([(grad * y).sum(dim=0), (grad * (1.0 - y)).sum(dim=0)])  # (2, C)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(inc)  # every rank adds the same global increment
+        all_reduce_(inc)  # every rank adds the same global increment
         self.pos_grad += inc[0]
         self.neg_grad += inc[1]
 
@@ -395,7 +395,7 @@ class LMPTLoss(nn.Module):
     ) -> Tensor:
         """Scalar λ·L_DB + (1 − λ)·L_CSE; raises ValueError when the embeddings are missing."""
         if caption_emb is None or prompt_emb is None:
-            raise ValueError("the LMPT loss needs caption_emb (B, D) and prompt_emb (C, D) as extra inputs")
+            raise ConfigError("the LMPT loss needs caption_emb (B, D) and prompt_emb (C, D) as extra inputs")
         db = self.db(logits, targets)
         cse = self.cse(logits, targets, caption_emb=caption_emb, prompt_emb=prompt_emb)
         self.last_parts = {"db": db.detach(), "cse": cse.detach()}
@@ -460,5 +460,5 @@ def build_loss(cfg: LossConfig, class_counts: Counts | None = None, num_images: 
         An ``nn.Module`` with ``forward(logits [B, C], targets [B, C], **extra) -> scalar``.
     """
     if cfg.name not in _LOSSES:
-        raise ValueError(f"unknown loss {cfg.name!r}; valid names: {list_losses()}")
+        raise ConfigError(f"unknown loss {cfg.name!r}; valid names: {list_losses()}")
     return _LOSSES[cfg.name](cfg, class_counts, num_images)

@@ -16,15 +16,18 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from cimlic.data.labels import GROUPS, class_groups
+from cimlic.distributed import all_gather_cat, is_distributed
+from cimlic.errors import CimlicError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence
 
 
-class ScoreFileError(ValueError):
+class ScoreFileError(CimlicError, ValueError):
     """A score file is missing, unreadable, of the wrong shape or holds NaN/inf (the message names the file)."""
 
 
@@ -76,7 +79,7 @@ def list_ap_variants() -> list[str]:
 
 def _check_variant(variant: str) -> Callable[[np.ndarray, np.ndarray], float]:
     if variant not in _AP_VARIANTS:
-        raise ValueError(f"unknown AP variant {variant!r}; valid: {list_ap_variants()}")
+        raise ConfigError(f"unknown AP variant {variant!r}; valid: {list_ap_variants()}")
     return _AP_VARIANTS[variant]
 
 
@@ -154,7 +157,7 @@ def threshold_metrics(
         cf1: 'harmonic' = 2 CP CR / (CP + CR); 'mean' = mean over classes of the per-class F1.
     """
     if cf1 not in ("harmonic", "mean"):
-        raise ValueError(f"unknown CF1 definition {cf1!r}; valid: ['harmonic', 'mean']")
+        raise ConfigError(f"unknown CF1 definition {cf1!r}; valid: ['harmonic', 'mean']")
     p, t = _check_matrices(probs, targets)
     if top_k > 0:
         top = np.argsort(-p, axis=1, kind="stable")[:, :top_k]  # (N, k)
@@ -183,12 +186,12 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 
 
 def _group_stats(
-    ap: np.ndarray, names: list[str], train_counts: ArrayLike | None, head: int, tail: int
+    ap: np.ndarray, names: list[str], group_counts: ArrayLike | None, head: int, tail: int
 ) -> tuple[dict[str, str], dict[str, float | None], dict[str, int]]:
     """Groups (name -> group), mean AP and number of evaluated classes of each group (NaN APs left out)."""
-    if train_counts is None:
+    if group_counts is None:
         return {}, dict.fromkeys(GROUPS), dict.fromkeys(GROUPS, 0)
-    counts = np.asarray(train_counts).reshape(-1)
+    counts = np.asarray(group_counts).reshape(-1)
     if counts.size != len(names):
         raise ValueError(f"{counts.size} training counts for {len(names)} classes")
     g = class_groups(counts, head=head, tail=tail)  # (C,)
@@ -201,7 +204,7 @@ def evaluate(
     scores: ArrayLike,
     targets: ArrayLike,
     classnames: Sequence[str],
-    train_counts: ArrayLike | None = None,
+    group_counts: ArrayLike | None = None,
     ap_variant: str = "sklearn",
     threshold: float = 0.5,
     cf1: str = "harmonic",
@@ -221,9 +224,9 @@ def evaluate(
     if s.shape[1] != len(classnames):
         raise ValueError(f"scores have {s.shape[1]} columns but {len(classnames)} class names were given")
     if not scores_are_logits and s.size and (s.min() < 0.0 or s.max() > 1.0):
-        raise ValueError("scores_are_logits=False but some scores are outside [0, 1]")
+        raise ConfigError("scores_are_logits=False but some scores are outside [0, 1]")
     if ap_scores not in AP_SCORES:
-        raise ValueError(f"unknown ap_scores {ap_scores!r}; valid: {list(AP_SCORES)}")
+        raise ConfigError(f"unknown ap_scores {ap_scores!r}; valid: {list(AP_SCORES)}")
     if ap_scores == "class_softmax" and not scores_are_logits:
         raise ValueError("ap_scores=class_softmax needs logits (scores_are_logits=True)")
     ranked = class_softmax(s) if ap_scores == "class_softmax" else s
@@ -233,7 +236,7 @@ def evaluate(
     missing = [n for n, ok in zip(names, has_ap, strict=True) if not ok]
     if missing:
         logger.info("%d class(es) without a positive test image excluded from the means: %s", len(missing), missing)
-    groups, group_means, group_sizes = _group_stats(ap, names, train_counts, head_threshold, tail_threshold)
+    groups, group_means, group_sizes = _group_stats(ap, names, group_counts, head_threshold, tail_threshold)
     probs = sigmoid(s) if scores_are_logits else s
     result: dict[str, Any] = {
         "ap_variant": ap_variant,
@@ -285,7 +288,8 @@ class Evaluator:
     Args:
         num_classes: C.
         classnames: the C class names (keys of ``per_class_ap``).
-        train_counts: (C,) training image counts n_c for the head/medium/tail groups (METHODS §1.2 step 5).
+        group_counts: (C,) n_c of the full training list, which define the head/medium/tail groups (METHODS §1.2
+            step 5).
         ap_variant: one of ``list_ap_variants()``.
         threshold: probability threshold of CP/CR/CF1/OP/OR/OF1.
         cf1: 'harmonic' or 'mean' (see ``threshold_metrics``).
@@ -300,7 +304,7 @@ class Evaluator:
         self,
         num_classes: int,
         classnames: Sequence[str],
-        train_counts: ArrayLike | None = None,
+        group_counts: ArrayLike | None = None,
         ap_variant: str = "sklearn",
         threshold: float = 0.5,
         cf1: str = "harmonic",
@@ -314,21 +318,12 @@ class Evaluator:
             raise ValueError(f"{len(classnames)} class names for num_classes={num_classes}")
         _check_variant(ap_variant)
         self.num_classes, self.classnames = num_classes, list(classnames)
-        self.train_counts = None if train_counts is None else _to_numpy(train_counts).astype(np.int64)
+        self.group_counts = None if group_counts is None else _to_numpy(group_counts).astype(np.int64)
         self.options = dict(
             ap_variant=ap_variant, threshold=threshold, cf1=cf1, top_k=top_k, scores_are_logits=scores_are_logits
         )
         self.options.update(head_threshold=head_threshold, tail_threshold=tail_threshold, ap_scores=ap_scores)
         self.reset()
-
-    @classmethod
-    def from_config(
-        cls, cfg: Any, classnames: Sequence[str], train_counts: ArrayLike | None = None, scores_are_logits: bool = True
-    ) -> Evaluator:
-        """An Evaluator from an ``EvalConfig`` (fields ap, threshold, cf1, top_k)."""
-        return cls(
-            len(classnames), classnames, train_counts, cfg.ap, cfg.threshold, cfg.cf1, cfg.top_k, scores_are_logits
-        )
 
     def reset(self) -> None:
         """Forget every batch seen."""
@@ -348,26 +343,17 @@ class Evaluator:
         s = np.concatenate(self._scores) if self._scores else np.zeros((0, self.num_classes))
         t = np.concatenate(self._targets) if self._targets else np.zeros((0, self.num_classes), dtype=np.int8)
         s, t = _all_gather_rows(s, t)
-        return evaluate(s, t, self.classnames, self.train_counts, **self.options)
+        return evaluate(s, t, self.classnames, self.group_counts, **self.options)
 
 
 def _all_gather_rows(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate (n_r, C) scores/targets of every rank in rank order; unchanged without distributed."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return scores, targets
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     C = scores.shape[1]
     rows = torch.from_numpy(np.concatenate([scores, targets.astype(np.float64)], axis=1)).to(device)  # (n, 2C)
-    size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    n_max = int(max(int(n) for n in sizes))
-    padded = torch.zeros((n_max, 2 * C), dtype=torch.float64, device=device)  # all_gather needs equal shapes
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    full = torch.cat([g[: int(n)] for g, n in zip(gathered, sizes, strict=True)]).cpu().numpy()
+    full = all_gather_cat(rows).cpu().numpy()
     return full[:, :C], full[:, C:].astype(np.int8)
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from cimlic import checkpoint as ckpt
 from cimlic.checkpoint import CheckpointError
 from cimlic.config import TrainConfig
+from cimlic.errors import ConfigError
 
 
 def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
@@ -36,7 +37,7 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
         return peak
     if cfg.schedule == "cosine":
         return _cosine(peak, 0.0, (s - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: ['cosine', 'onecycle', 'constant']")
+    raise ConfigError(f"unknown schedule {cfg.schedule!r}; valid: ['cosine', 'onecycle', 'constant']")
 
 
 def _onecycle(peak: float, step: int, total: int, pct: float) -> float:
@@ -64,7 +65,7 @@ class EMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = float(decay)
         live = ckpt.trainable_tensors(model)
         self.shadow = {k: v.detach().clone() for k, v in live.items() if v.is_floating_point()}
@@ -108,4 +109,4 @@ def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: ['adamw', 'sgd']")
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; valid: ['adamw', 'sgd']")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cimlic.config import ConfigError
 from cimlic.data.dataset import ImageFileError, load_image
-from cimlic.data.labels import atomic_write_text
+from cimlic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def predict_run(
     Returns:
         {"scored": n, "failed": [{"image", "error"}...], "out": path}.
     """
-    from cimlic.engine import resolve_device
+    from cimlic.distributed import resolve_device
     from cimlic.runner import load_run, model_transform
 
     out = Path(out)

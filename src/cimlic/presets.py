@@ -19,6 +19,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from cimlic.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 PRESETS = ("paper", "released", "released_exact")
@@ -133,11 +135,11 @@ def preset_overrides(model_name: str, preset: str) -> dict[str, Any]:
         ValueError: unknown preset, or a released preset for a method that has none.
     """
     if preset not in PRESETS:
-        raise ValueError(f"model.preset: {preset!r} is not one of {list(PRESETS)}")
+        raise ConfigError(f"model.preset: {preset!r} is not one of {list(PRESETS)}")
     if preset == "paper":
         return {}
     if model_name not in RELEASED:
-        raise ValueError(
+        raise ConfigError(
             f"model.preset={preset}: model {model_name!r} has no released preset; presets exist for {sorted(RELEASED)}"
         )
     return {d.key: d.released for d in RELEASED[model_name] if preset == "released_exact" or not d.exact_only}

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from cimlic.data.digits import CORPUS_LABEL_COUNTS, CORPUS_STYLE, MAX_CORPUS_BATCH, DigitCorpus, caption
-from cimlic.data.labels import atomic_write_text
+from cimlic.errors import ConfigError
+from cimlic.io import atomic_write_text, save_safetensors
 from cimlic.models.clip import TINY_CONFIG_DIR, ClipError, ClipModel, load_clip
 
 logger = logging.getLogger(__name__)
@@ -176,7 +175,7 @@ def pretrain_digits(
     if steps is not None:
         recipe = replace(recipe, steps=steps)
     if recipe.steps < 1 or not 2 <= recipe.batch_size <= MAX_CORPUS_BATCH:
-        raise ValueError(
+        raise ConfigError(
             f"pre-training needs steps >= 1 and 2 <= batch_size <= {MAX_CORPUS_BATCH} (distinct captions per batch); "
             f"got steps={recipe.steps}, batch_size={recipe.batch_size}"
         )
@@ -195,7 +194,7 @@ def pretrain_digits(
     losses = train_contrastive(clip, recipe, seed, progress)
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save_file({k: v.detach().contiguous() for k, v in clip.model.state_dict().items()}, path)
+    save_safetensors(path, {k: v.detach() for k, v in clip.model.state_dict().items()}, metadata={"format": "pt"})
     meta = {
         "command": command,
         "arch": arch,
@@ -216,17 +215,3 @@ def pretrain_digits(
     atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
     logger.info("pre-training done in %.1f s, loss %.3f -> %.3f: %s", seconds, losses[0], meta["final_loss"], path)
     return path
-
-
-def _atomic_save_file(tensors: dict[str, Tensor], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -21,11 +21,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 import cimlic
 from cimlic import plots
-from cimlic.checkpoint import atomic_write_files
+from cimlic.errors import CimlicError
+from cimlic.io import atomic_write_files, read_json, read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ EVAL_KEYS = ("map", "head", "medium", "tail", "var", "per_class_ap", "groups", "
 __all__ = ["ReportError", "RunResult", "load_published", "read_run", "render_report", "write_report"]
 
 
-class ReportError(ValueError):
+class ReportError(CimlicError, ValueError):
     """A run folder cannot be reported: a missing or malformed file (the message names it, on one line)."""
 
 
@@ -62,24 +61,14 @@ def _one_line(err: Exception) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise ReportError(f"{path}: missing (not a complete cimlic run folder?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ReportError(f"{path}: malformed JSON ({_one_line(err)})") from None
+    data = read_json(path, ReportError, "JSON file of the run")
     if not isinstance(data, dict):
         raise ReportError(f"{path}: malformed (a JSON object expected, got {type(data).__name__})")
     return data
 
 
 def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise ReportError(f"{path}: missing (not a complete cimlic run folder?)")
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise ReportError(f"{path}: malformed YAML ({_one_line(err)})") from None
+    cfg = read_yaml(path, ReportError, "run config")
     if not isinstance(cfg, dict) or not all(isinstance(cfg.get(s, {}), dict) for s in ("data", "model", "loss")):
         raise ReportError(f"{path}: malformed (a mapping with data/model/loss sections expected)")
     return cfg
@@ -139,11 +128,12 @@ def read_run(run_dir: str | Path) -> RunResult:
     cfg = _read_config(run_dir / "config.yaml")
     ev = _read_json(run_dir / "eval.json")
     meta = _read_json(run_dir / "best.json")
-    names, counts, sidecar = meta.get("classnames"), meta.get("train_counts"), run_dir / "best.json"
+    names, sidecar = meta.get("classnames"), run_dir / "best.json"
+    counts = meta.get("group_counts", meta.get("train_counts"))  # train_counts: the name before 2026-12
     if not isinstance(names, list) or not isinstance(counts, list) or len(names) != len(counts):
-        raise ReportError(f"{sidecar}: malformed, classnames and train_counts must be lists of equal length")
+        raise ReportError(f"{sidecar}: malformed, classnames and group_counts must be lists of equal length")
     if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
-        raise ReportError(f"{sidecar}: malformed train_counts (non-negative integers expected)")
+        raise ReportError(f"{sidecar}: malformed group_counts (non-negative integers expected)")
     _check_eval(run_dir / "eval.json", ev, [str(n) for n in names])
     data = cfg.get("data", {})
     return RunResult(

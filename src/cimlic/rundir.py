@@ -13,14 +13,13 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import yaml
-
-from cimlic.checkpoint import atomic_write_files, jsonable
+from cimlic.errors import CimlicError
+from cimlic.io import atomic_write_files, jsonable, read_yaml
 
 logger = logging.getLogger(__name__)
 
 
-class RunDirError(ValueError):
+class RunDirError(CimlicError, ValueError):
     """A run folder cannot be used as asked (it would overwrite a run, or there is nothing to resume)."""
 
 
@@ -77,10 +76,7 @@ def check_resume_config(path: str | os.PathLike, current: dict, allowed: Sequenc
     Raises:
         RunDirError: keys (dotted) other than ``allowed`` changed.
     """
-    try:
-        saved = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise RunDirError(f"{path}: cannot read the run's config ({err})") from None
+    saved = read_yaml(path, RunDirError, "run config") or {}
     old, new = _flatten(saved), _flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     blocked = [k for k in changed if k not in allowed]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import random
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from cimlic.cache import CachedFeatureDataset, load_or_compute, weights_digest
 from cimlic.config import Config, ConfigError, load_config, save_config
 from cimlic.data.dataset import MultiLabelDataset, default_transform
 from cimlic.data.labels import LabelSet, read_classes, read_label_list
+from cimlic.io import read_json, write_json
 from cimlic.rundir import RunDirError
 
 logger = logging.getLogger(__name__)
@@ -232,7 +232,7 @@ def read_captions(path: str | Path, ids: list[str]) -> list[str]:
 # -------------------------------------------------------------------------------------------- runs
 def build_model_for(cfg: Config, classnames: list[str]) -> torch.nn.Module:
     """``build_model`` with the seed set first, so a randomly initialised CLIP is the same in every process."""
-    from cimlic.engine import seed_everything
+    from cimlic.distributed import seed_everything
     from cimlic.models import build_model
 
     seed_everything(cfg.seed)
@@ -251,7 +251,7 @@ def check_clip_identity(run_dir: Path, model: torch.nn.Module) -> None:
     path = run_dir / "clip.json"
     if not path.is_file():
         return
-    saved, now = json.loads(path.read_text()), _clip_identity(model)
+    saved, now = read_json(path, ckpt.CheckpointError, "CLIP identity file"), _clip_identity(model)
     if saved.get("digest") != now.get("digest"):
         raise ckpt.CheckpointError(
             f"{path}: the frozen CLIP weights differ from those this run was trained with "
@@ -264,7 +264,8 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
 
     ``model.name: hpdval`` runs HP-DVAL's two stages into ``run_dir/stage1`` and ``run_dir/stage2``.
     """
-    from cimlic.engine import Trainer, init_distributed, resolve_device
+    from cimlic.distributed import init_distributed, resolve_device
+    from cimlic.engine import Trainer
     from cimlic.losses import build_loss
 
     run_dir = Path(run_dir)
@@ -280,13 +281,13 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
         data["train"] = CaptionDataset(data["train"], tokens)
     elif cfg.loss.name == "lmpt":
         raise ConfigError("loss.name=lmpt needs data.captions (an id<TAB>caption file for the training images)")
-    counts = torch.as_tensor(splits.train.class_counts())
-    loss_fn = build_loss(cfg.loss, counts, len(splits.train))
+    class_counts = torch.as_tensor(splits.train.class_counts())  # n_c of the images trained on (after the carve)
+    loss_fn = build_loss(cfg.loss, class_counts, len(splits.train))
     trainer = Trainer(cfg, model, loss_fn, data["train"], data["val"], data["test"], splits.classnames,
                       splits.group_counts, run_dir)  # fmt: skip
     result = trainer.fit(resume=resume)
     if rank == 0:
-        ckpt.write_json(run_dir / "clip.json", _clip_identity(model))
+        write_json(run_dir / "clip.json", _clip_identity(model))
     return result
 
 
@@ -307,7 +308,7 @@ def _train_two_stage(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dic
     result = train_run(stage2, run_dir / "stage2", resume=resume and (run_dir / "stage2").is_dir())
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-        ckpt.write_json(run_dir / "eval.json", result | {"stages": ["stage1", "stage2"]})
+        write_json(run_dir / "eval.json", result | {"stages": ["stage1", "stage2"]})
     return result
 
 
@@ -333,7 +334,8 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict]:
 
 def eval_run(run_dir: str | Path, split: str = "test", ap: str | None = None) -> dict:
     """Evaluate a run's selected checkpoint on ``split`` (``cimlic eval``); writes ``eval_<split>_<ap>.json``."""
-    from cimlic.engine import evaluate_logits, forward_all, resolve_device
+    from cimlic.distributed import resolve_device
+    from cimlic.engine import evaluate_logits, forward_all
 
     run_dir = _resolve_run(Path(run_dir))
     cfg, model, meta = load_run(run_dir)
@@ -349,6 +351,6 @@ def eval_run(run_dir: str | Path, split: str = "test", ap: str | None = None) ->
     result = evaluate_logits(logits, targets, cfg, splits.classnames, splits.group_counts)
     result |= {"split": split, "checkpoint_epoch": meta.get("epoch")}
     out = run_dir / f"eval_{split}_{cfg.eval.ap}.json"
-    ckpt.write_json(out, result)
+    write_json(out, result)
     logger.info("wrote %s", out)
     return result

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from cimlic.data.labels import LabelSet
+from cimlic.errors import CimlicError
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageFileError(OSError):
+class ImageFileError(CimlicError, OSError):
     """An image file is missing or cannot be decoded (the message names the file)."""
 
 

@@ -31,8 +31,9 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from cimlic.data.labels import LabelSet, atomic_write_text, write_classes, write_label_list
+from cimlic.data.labels import LabelSet, write_classes, write_label_list
 from cimlic.data.splits import build_fewshot_episode, build_longtail, partial_labels, split_base_novel
+from cimlic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cimlic.data.labels import LabelFileError, LabelSet
+from cimlic.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def read_voc(
             ignore (class unknown, −1, when all its objects in the image are difficult).
     """
     if difficult not in ("positive", "negative", "ignore"):
-        raise ValueError(f"difficult must be positive, negative or ignore, got {difficult!r}")
+        raise ConfigError(f"difficult must be positive, negative or ignore, got {difficult!r}")
     root = find_voc_year_dir(voc_dir, year)
     set_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
     if not set_file.is_file():

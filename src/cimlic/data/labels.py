@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cimlic.errors import CimlicError
+from cimlic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
 GROUPS = ("head", "medium", "tail")
 
 
-class LabelFileError(ValueError):
+class LabelFileError(CimlicError, ValueError):
     """A label, class or annotation file is missing or malformed (the message names the file)."""
 
 
@@ -45,7 +47,6 @@ class LabelSet:
     targets: np.ndarray
     classnames: list[str]
     source: str = "<memory>"
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.targets = np.asarray(self.targets, dtype=np.int8)
@@ -193,27 +194,6 @@ def format_label_line(image_id: str, row: np.ndarray) -> str:
     if unk.size:
         line += "\t" + " ".join(str(k) for k in unk)
     return line
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_label_list(path: str | os.PathLike, labels: LabelSet, header: str | None = None) -> None:

@@ -18,12 +18,12 @@ from cimlic.data.formats import VOC_CLASSES, Difficult, find_voc_year_dir, read_
 from cimlic.data.labels import (
     LabelFileError,
     LabelSet,
-    atomic_write_text,
     read_id_list,
     write_classes,
     write_label_list,
 )
 from cimlic.data.splits import build_longtail
+from cimlic.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -22,6 +22,7 @@ from torch.utils.data import Sampler
 
 from cimlic.config import SamplerConfig
 from cimlic.data.labels import GROUPS, class_groups
+from cimlic.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,11 @@ def _as_targets(targets: np.ndarray | torch.Tensor | Sequence[Sequence[int]]) ->
         targets = targets.detach().cpu().numpy()
     arr = np.asarray(targets)
     if arr.ndim != 2:
-        raise ValueError(f"sampler targets must be a 2-D (N, C) matrix, got shape {arr.shape}")
+        raise ConfigError(f"sampler targets must be a 2-D (N, C) matrix, got shape {arr.shape}")
     if arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"sampler targets are empty (shape {arr.shape}): nothing to sample from")
+        raise ConfigError(f"sampler targets are empty (shape {arr.shape}): nothing to sample from")
     if not (arr == 1).any():
-        raise ValueError("sampler targets contain no positive label (no entry == 1): no class to sample from")
+        raise ConfigError("sampler targets contain no positive label (no entry == 1): no class to sample from")
     return arr.astype(np.int8, copy=False)
 
 
@@ -66,7 +67,7 @@ def quantile_groups(counts: np.ndarray | Sequence[int], num_groups: int) -> np.n
         by class index; when G > K the last groups are empty.
     """
     if num_groups < 1:
-        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+        raise ConfigError(f"num_groups must be >= 1, got {num_groups}")
     counts = np.asarray(counts)
     order = np.argsort(-counts, kind="stable")  # most frequent first
     out = np.empty(len(counts), dtype=np.int64)
@@ -101,7 +102,7 @@ class _DrawSampler(Sampler[int]):
         self.classes = np.flatnonzero(self.counts > 0)  # (K,) classes that can be drawn
         self.members = [np.flatnonzero(self.targets[:, c] == 1) for c in range(self.targets.shape[1])]
         if num_samples is not None and num_samples < 0:
-            raise ValueError(f"num_samples must be >= 0 (0 or None = default length), got {num_samples}")
+            raise ConfigError(f"num_samples must be >= 0 (0 or None = default length), got {num_samples}")
         self.num_samples = int(num_samples) if num_samples else max(1, int(default_len()))
         self.rank, self.world_size = _resolve_world(rank, world_size)
         self.total_size = math.ceil(self.num_samples / self.world_size) * self.world_size
@@ -162,7 +163,7 @@ class ClassAwareSampler(_DrawSampler):
         world_size: int | None = None,
     ) -> None:
         if per_class < 1:
-            raise ValueError(f"per_class must be >= 1, got {per_class}")
+            raise ConfigError(f"per_class must be >= 1, got {per_class}")
         self.per_class = int(per_class)
         super().__init__(targets, num_samples, self._default_len, seed, rank, world_size)
         logger.info(
@@ -224,7 +225,7 @@ class GroupSampler(_DrawSampler):
         tail: int = 20,
     ) -> None:
         if num_groups < 0:
-            raise ValueError(f"num_groups must be >= 0 (0 = head/medium/tail), got {num_groups}")
+            raise ConfigError(f"num_groups must be >= 0 (0 = head/medium/tail), got {num_groups}")
         super().__init__(targets, num_samples, lambda: self.targets.shape[0], seed, rank, world_size)
         labels = self._group_labels(groups, num_groups, head, tail)
         kept = labels[self.classes]  # (K,) group of each drawable class
@@ -324,5 +325,5 @@ def build_sampler(
         ValueError: unknown name (the message lists the valid ones) or unusable targets.
     """
     if cfg.name not in _SAMPLERS:
-        raise ValueError(f"unknown sampler {cfg.name!r}; valid samplers: {list_samplers()}")
+        raise ConfigError(f"unknown sampler {cfg.name!r}; valid samplers: {list_samplers()}")
     return _SAMPLERS[cfg.name](cfg, targets, seed, rank, world_size, head, tail)

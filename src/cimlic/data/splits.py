@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cimlic.data.labels import LabelSet
+from cimlic.errors import CimlicError
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ FEWSHOT_NOVEL = {
 }  # fmt: skip
 
 
-class SplitError(ValueError):
+class SplitError(CimlicError, ValueError):
     """A split cannot be built from the given labels and settings."""
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from torch import nn
 
 from cimlic.config import ModelConfig
+from cimlic.errors import ConfigError
 from cimlic.models.clip import ClipError, ClipModel, load_clip
 from cimlic.models.cprfl import build_cprfl
 from cimlic.models.heads import FrozenClipModel, LinearProbe, ZeroShotCLIP, class_text_features
@@ -104,13 +105,13 @@ def build_model(cfg: ModelConfig, classnames: Sequence[str]) -> nn.Module:
         ValueError: unknown model name (with the valid list), no class names, or a CLIP problem (ClipError).
     """
     if cfg.name == "hpdval":
-        raise ValueError("model 'hpdval' is both HP-DVAL stages in one run: use `cimlic train` (runner.train_run), "
+        raise ConfigError("model 'hpdval' is both HP-DVAL stages in one run: use `cimlic train` (runner.train_run), "
                          "or build 'hpdval_stage1' / 'hpdval_stage2' directly")  # fmt: skip
     if cfg.name not in _BUILDERS:
-        raise ValueError(f"unknown model {cfg.name!r}; valid: {list_models()} (and 'hpdval' for both stages)")
+        raise ConfigError(f"unknown model {cfg.name!r}; valid: {list_models()} (and 'hpdval' for both stages)")
     classnames = [str(c) for c in classnames]
     if not classnames:
-        raise ValueError(f"model {cfg.name!r}: no class names given")
+        raise ConfigError(f"model {cfg.name!r}: no class names given")
     clip = load_clip(
         cfg.clip_arch,
         cfg.clip_checkpoint,

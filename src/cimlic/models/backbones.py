@@ -23,12 +23,12 @@ import copy
 import difflib
 import logging
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cimlic.errors import ConfigError
+from cimlic.io import read_state_dict, state_dict_mismatch
 from cimlic.models.clip import ClipError, ClipModel, make_trunk, trunk_tokens
 
 logger = logging.getLogger(__name__)
@@ -86,44 +86,19 @@ def list_backbones() -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- weights
-def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A state dict from a local file (``.safetensors``, or ``torch.load(weights_only=True)``), ``module.`` removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: backbone weights file not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file, pickled code refused, ...
-        raise ValueError(f"{path}: not a readable weights file ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model"):  # common wrappers of training checkpoints
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: not a state dict of tensors (got {type(obj).__name__})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def load_weights(model: nn.Module, path: str | os.PathLike, ignore: tuple[str, ...] = ()) -> None:
     """Load a local weights file into ``model``; keys starting with ``ignore`` (the classifier) are left out.
 
     Raises:
-        ValueError: missing, unexpected or mis-shaped keys (the message names the file and the first keys).
+        ConfigError: a missing or unreadable file, or missing, unexpected or mis-shaped keys (the message names the
+            file and the first keys).
     """
-    sd = {k: v for k, v in read_weights(path).items() if not k.startswith(ignore)}
+    sd = read_state_dict(path, ConfigError, "backbone weights file")
+    sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore)}
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [
-        f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        parts = [f"{n} {v[:3]}" for n, v in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if v]
-        raise ValueError(f"{path}: weights do not fit backbone {type(model).__name__} ({'; '.join(parts)})")
+    problems = state_dict_mismatch(own, sd)
+    if problems:
+        raise ConfigError(f"{path}: weights do not fit backbone {type(model).__name__} ({'; '.join(problems)})")
     model.load_state_dict(sd, strict=False)
     logger.info("backbone weights loaded from %s", path)
 
@@ -138,7 +113,7 @@ def _offline_error(name: str, err: Exception) -> RuntimeError:
 # --------------------------------------------------------------------------------------- builders
 def _clip_backbone(clip: ClipModel, weights: str, image_size: int) -> Backbone:
     if weights:
-        raise ValueError(
+        raise ConfigError(
             f"backbone 'clip' starts from the run's CLIP image tower (model.clip_checkpoint); backbone_weights must "
             f"be empty (got {weights!r})"
         )
@@ -148,9 +123,9 @@ def _clip_backbone(clip: ClipModel, weights: str, image_size: int) -> Backbone:
     try:
         kind, width = make_trunk(visual)
     except ClipError as err:
-        raise ValueError(f"backbone 'clip': {err}") from None
+        raise ConfigError(f"backbone 'clip': {err}") from None
     if kind == "clip_vit" and size != clip.image_size:
-        raise ValueError(f"backbone 'clip': this ViT takes {clip.image_size} px images (got image_size {size})")
+        raise ConfigError(f"backbone 'clip': this ViT takes {clip.image_size} px images (got image_size {size})")
     return Backbone(visual, kind, width, spec)
 
 
@@ -170,7 +145,7 @@ def _torchvision_backbone(name: str, weights: str, image_size: int) -> Backbone:
 
     valid = list_backbones()
     if name not in valid[1:]:
-        raise ValueError(f"unknown backbone {name!r}; valid: {valid} or 'timm:<name>' for a timm model")
+        raise ConfigError(f"unknown backbone {name!r}; valid: {valid} or 'timm:<name>' for a timm model")
     if weights == "imagenet":
         try:
             model = torchvision.models.get_model(name, weights="DEFAULT")
@@ -189,10 +164,10 @@ def _timm_backbone(name: str, weights: str, image_size: int) -> Backbone:
     try:
         import timm
     except ImportError:
-        raise ValueError(f"backbone 'timm:{name}' needs timm (pip install timm)") from None
+        raise ConfigError(f"backbone 'timm:{name}' needs timm (pip install timm)") from None
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ValueError(f"unknown timm backbone {name!r} (close: {close}); valid: timm.list_models()")
+        raise ConfigError(f"unknown timm backbone {name!r} (close: {close}); valid: timm.list_models()")
     kw = dict(num_classes=0, global_pool="")
     if weights == "imagenet":
         try:
@@ -235,7 +210,7 @@ def build_backbone(name: str, weights: str = "", clip: ClipModel | None = None, 
     """
     if name == "clip":
         if clip is None:
-            raise ValueError("backbone 'clip' needs the CLIP model")
+            raise ConfigError("backbone 'clip' needs the CLIP model")
         backbone = _clip_backbone(clip, weights, image_size)
     elif name.startswith("timm:"):
         backbone = _timm_backbone(name.removeprefix("timm:"), weights, image_size)

@@ -29,6 +29,9 @@ from open_clip.modified_resnet import ModifiedResNet
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
+from cimlic.errors import CimlicError
+from cimlic.io import load_tensor_file, save_torch, state_dict_mismatch, to_state_dict
+
 logger = logging.getLogger(__name__)
 
 TINY_CONFIG_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_configs"
@@ -37,7 +40,7 @@ _OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipError(ValueError):
+class ClipError(CimlicError, ValueError):
     """A CLIP architecture or checkpoint cannot be used (the message names the file or the valid choices)."""
 
 
@@ -114,34 +117,21 @@ def read_state_dict(path: str | os.PathLike, allow_torchscript: bool = False) ->
         the file is an OpenAI checkpoint (TorchScript archive, or an unwrapped state dict in a ``.pt`` file).
     """
     path = Path(path)
-    if not path.is_file():
-        raise ClipError(f"{path}: CLIP checkpoint not found")
-    wrapped, torchscript = False, False
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        elif _is_torchscript(path):
-            if not allow_torchscript:
-                raise ClipError(
-                    f"{path}: is a TorchScript archive (like OpenAI's released .pt files); opening it runs code "
-                    "from the file: pass allow_torchscript=True if you trust it, or convert it once with "
-                    "cimlic.models.clip.convert_torchscript_checkpoint"
-                )
-            torchscript = True
-            obj = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except ClipError:
-        raise
-    except Exception as err:  # corrupt zip, unpickling refused, truncated file, ...
-        raise ClipError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj, wrapped = obj["state_dict"], True
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ClipError(f"{path}: not a state dict of tensors (got {type(obj).__name__})")
-    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in obj.items()}
+    torchscript = path.is_file() and _is_torchscript(path)
+    if torchscript and not allow_torchscript:
+        raise ClipError(
+            f"{path}: is a TorchScript archive (like OpenAI's released .pt files); opening it runs code "
+            "from the file: pass allow_torchscript=True if you trust it, or convert it once with "
+            "cimlic.models.clip.convert_torchscript_checkpoint"
+        )
+    if torchscript:
+        try:
+            obj: Any = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as err:  # a damaged archive
+            raise ClipError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+    else:
+        obj = load_tensor_file(path, ClipError, "CLIP checkpoint")
+    sd, wrapped = to_state_dict(obj, path, ClipError)
     for key in _OPENAI_EXTRA_KEYS:
         sd.pop(key, None)
     openai = torchscript or (path.suffix == ".pt" and not wrapped)
@@ -157,19 +147,9 @@ def _load_weights(model: nn.Module, sd: dict[str, Tensor], path: Path, arch: str
     sd = {k: v for k, v in sd.items() if k not in transient}  # TorchScript archives keep them
     if "logit_scale" in sd and sd["logit_scale"].ndim != own["logit_scale"].ndim:
         sd["logit_scale"] = sd["logit_scale"].reshape(own["logit_scale"].shape)
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shapes = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), first {missing[:3]}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[:3]}")
-        if shapes:
-            k = shapes[0]
-            parts.append(f"{len(shapes)} shape mismatch(es), first {k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}")
-        raise ClipError(f"{path}: weights do not match CLIP architecture {arch!r} ({'; '.join(parts)})")
+    problems = state_dict_mismatch(own, sd)
+    if problems:
+        raise ClipError(f"{path}: weights do not match CLIP architecture {arch!r} ({'; '.join(problems)})")
     model.load_state_dict(sd, strict=True)
 
 
@@ -179,11 +159,8 @@ def convert_torchscript_checkpoint(src: str | os.PathLike, dst: str | os.PathLik
     The result loads with ``torch.load(weights_only=True)``; keep the ``.pt`` suffix so it is read as OpenAI's.
     """
     sd, _ = read_state_dict(src, allow_torchscript=True)
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(sd, tmp)
-    os.replace(tmp, dst)
-    return dst
+    save_torch(dst, sd)
+    return Path(dst)
 
 
 def load_clip(
@@ -271,11 +248,6 @@ class ClipModel(nn.Module):
     def embed_dim(self) -> int:
         """Dimension D of the joint image-text space."""
         return int(self.model.visual.output_dim)
-
-    @property
-    def text_width(self) -> int:
-        """Width W of the text transformer (token embedding size)."""
-        return int(self._text.token_embedding.embedding_dim)
 
     @property
     def context_length(self) -> int:

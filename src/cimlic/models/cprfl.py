@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cimlic.config import CPRFLConfig, DiversityConfig, ModelConfig
+from cimlic.errors import ConfigError
 from cimlic.models.backbones import build_backbone
 from cimlic.models.clip import ClipModel
 from cimlic.models.heads import build_diversity, prompt_classname
@@ -71,11 +72,11 @@ class VSILayer(nn.Module):
     ) -> None:
         super().__init__()
         if heads < 1 or (not head_dim and dim % heads):
-            raise ValueError(
+            raise ConfigError(
                 f"VSI layer: heads ({heads}) must be >= 1 and divide the width d = {dim} (or set head_dim)"
             )
         if layout not in ("released", "standard"):
-            raise ValueError(f"cprfl.vsi_layout: {layout!r} is not one of ['released', 'standard']")
+            raise ConfigError(f"cprfl.vsi_layout: {layout!r} is not one of ['released', 'standard']")
         self.heads, self.head_dim, self.residual = heads, head_dim or dim // heads, residual
         self.p_attn = dropout if layout == "standard" else 0.0  # dropout on the attention weights
         inner, bias = self.heads * self.head_dim, layout == "standard"
@@ -137,11 +138,11 @@ class CPRFL(nn.Module):
         super().__init__()
         cfg = cfg or CPRFLConfig()
         if "{}" not in cfg.prompt_template:
-            raise ValueError(
+            raise ConfigError(
                 f"cprfl.prompt_template needs a '{{}}' slot for the class name (got {cfg.prompt_template!r})"
             )
         if min(cfg.dim, cfg.pi_hidden, cfg.head_dim, cfg.image_size) < 0 or cfg.ffn < 1:
-            raise ValueError("cprfl.dim, pi_hidden, head_dim and image_size must be >= 0, ffn >= 1")
+            raise ConfigError("cprfl.dim, pi_hidden, head_dim and image_size must be >= 0, ffn >= 1")
         self.clip, self.num_classes = clip, len(classnames)
         self.vsi_path, self.dot_path = cfg.vsi_path, cfg.dot_path
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights, clip, cfg.image_size).to(clip.device)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cimlic.config import DiversityConfig
+from cimlic.errors import ConfigError
 from cimlic.models.clip import ClipModel
 
 logger = logging.getLogger(__name__)
@@ -57,10 +58,10 @@ def prompt_classname(name: str) -> str:
 def class_text_features(clip: ClipModel, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
     """Normalised class embeddings (C, D): per template encode, normalise, average over templates, renormalise."""
     if not templates:
-        raise ValueError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
+        raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
     bad = [t for t in templates if "{}" not in t]
     if bad:
-        raise ValueError(f"prompt templates need a '{{}}' slot for the class name: {bad}")
+        raise ConfigError(f"prompt templates need a '{{}}' slot for the class name: {bad}")
     names = [prompt_classname(n) for n in classnames]
     total = None
     for template in templates:
@@ -150,7 +151,7 @@ class DiversityModule(nn.Module):
     def __init__(self, dim: int, heads: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"diversity module: heads ({heads}) must divide the token width ({dim})")
+            raise ConfigError(f"diversity module: heads ({heads}) must divide the token width ({dim})")
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.dropout = nn.Dropout(dropout)

@@ -32,7 +32,6 @@ starts exactly at CLIP's embedding.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +43,8 @@ from torch import Tensor, nn
 from cimlic.cache import weights_digest
 from cimlic.checkpoint import CheckpointError, read_checkpoint
 from cimlic.config import HPDVALConfig
+from cimlic.errors import ConfigError
+from cimlic.io import read_json, state_dict_mismatch
 from cimlic.models.clip import ClipModel, dense_image_features
 from cimlic.models.heads import prompt_classname
 from cimlic.models.prompts import PromptLearner, encode_prompts
@@ -73,7 +74,7 @@ def fuse_views(s_global: Tensor, s_local: Tensor, alpha: float, fusion: str = "p
         return alpha * s_global + (1.0 - alpha) * s_local
     if fusion == "released":
         return (1.0 - alpha) * F.normalize(s_global, dim=-1) + alpha * F.normalize(s_local, dim=-1)
-    raise ValueError(f"unknown fusion {fusion!r}; valid: ['paper', 'released']")
+    raise ConfigError(f"unknown fusion {fusion!r}; valid: ['paper', 'released']")
 
 
 def dual_view_scores(
@@ -107,7 +108,7 @@ def l1_distance(a: Tensor, b: Tensor) -> Tensor:
 def hand_text_features(clip: ClipModel, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
     """P^H (C, D): unnormalised text features of the hand-crafted prompts (mean over templates)."""
     if not templates or any("{}" not in t for t in templates):
-        raise ValueError(
+        raise ConfigError(
             f"HP-DVAL needs prompt templates with a '{{}}' slot, e.g. 'a photo of a {{}}.' (got {templates})"
         )
     names = [prompt_classname(n) for n in classnames]
@@ -156,7 +157,7 @@ class StudentEncoder(nn.Module):
     def __init__(self, visual: nn.Module, embed_dim: int, head: str = "linear", init: str = "clip") -> None:
         super().__init__()
         if head not in ("linear", "mlp") or init not in ("clip", "random"):
-            raise ValueError(f"student: embed_head must be linear|mlp and student_init clip|random ({head}, {init})")
+            raise ConfigError(f"student: embed_head must be linear|mlp and student_init clip|random ({head}, {init})")
         self.visual = reinitialise_(visual) if init == "random" else visual
         self.head = ResidualMLP(embed_dim) if head == "mlp" else None
 
@@ -185,18 +186,16 @@ def load_stage1_student(student: StudentEncoder, run_dir: str | Path, clip: Clip
     if model_cfg.get("name") not in STUDENT_RUNS:
         raise CheckpointError(f"{meta_path}: not an HP-DVAL stage-1 run (model {model_cfg.get('name')!r})")
     sub = {k.removeprefix("student."): v for k, v in tensors.items() if k.startswith("student.")}
-    own = student.state_dict()
-    missing, unexpected = sorted(set(own) - set(sub)), sorted(set(sub) - set(own))
-    shapes = [k for k in own if k in sub and sub[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        what = [f"{n} {v[:3]}" for n, v in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if v]
+    problems = state_dict_mismatch(student.state_dict(), sub)
+    if problems:
         stage1 = (
             f"clip_arch {model_cfg.get('clip_arch')}, embed_head {(model_cfg.get('hpdval') or {}).get('embed_head')}"
         )
-        raise CheckpointError(f"{tensor_path}: stage-1 student does not fit this model ({stage1}; {', '.join(what)})")
+        problem = "; ".join(problems)
+        raise CheckpointError(f"{tensor_path}: stage-1 student does not fit this model ({stage1}; {problem})")
     ident = run / "clip.json"
     if clip is not None and ident.is_file():
-        saved = json.loads(ident.read_text(encoding="utf-8"))
+        saved = read_json(ident, CheckpointError, "CLIP identity file")
         if saved.get("digest") and saved["digest"] != weights_digest(clip):
             raise CheckpointError(
                 f"{ident}: stage 1 was trained with other CLIP weights ({saved.get('source')}) than {clip.source}"
@@ -344,9 +343,9 @@ def share_context_storage(first: PromptLearner | None, second: PromptLearner | N
     tensor, so after every step the two contexts are identical and carry both updates.
     """
     if first is None or second is None:
-        raise ValueError("hpdval.share_contexts needs both learn_global and learn_local")
+        raise ConfigError("hpdval.share_contexts needs both learn_global and learn_local")
     if first.ctx.shape != second.ctx.shape:
-        raise ValueError(f"hpdval.share_contexts: context shapes differ ({first.ctx.shape} vs {second.ctx.shape})")
+        raise ConfigError(f"hpdval.share_contexts: context shapes differ ({first.ctx.shape} vs {second.ctx.shape})")
     second.ctx = nn.Parameter(first.ctx.data)  # shares the storage, not a copy
     logger.warning("hpdval.share_contexts: the global and local prompts train ONE context tensor through two "
                    "parameters, as in the released code (the paper has two separate contexts)")  # fmt: skip
@@ -354,10 +353,10 @@ def share_context_storage(first: PromptLearner | None, second: PromptLearner | N
 
 def _check_config(cfg: HPDVALConfig, stage: str) -> None:
     if stage not in STAGES:
-        raise ValueError(f"unknown HP-DVAL stage {stage!r}; valid: {list(STAGES)}")
+        raise ConfigError(f"unknown HP-DVAL stage {stage!r}; valid: {list(STAGES)}")
     if not 0.0 <= cfg.alpha <= 1.0:
-        raise ValueError(f"hpdval.alpha must be in [0, 1] (got {cfg.alpha})")
+        raise ConfigError(f"hpdval.alpha must be in [0, 1] (got {cfg.alpha})")
     if cfg.topk < 1 or cfg.n_ctx < 1:
-        raise ValueError(f"hpdval.topk and hpdval.n_ctx must be >= 1 (got {cfg.topk}, {cfg.n_ctx})")
+        raise ConfigError(f"hpdval.topk and hpdval.n_ctx must be >= 1 (got {cfg.topk}, {cfg.n_ctx})")
     if min(cfg.kd_weight, cfg.sc_weight, cfg.logit_scale) < 0:
-        raise ValueError("hpdval.kd_weight, sc_weight and logit_scale must be >= 0")
+        raise ConfigError("hpdval.kd_weight, sc_weight and logit_scale must be >= 0")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cimlic.errors import ConfigError
 from cimlic.models.clip import ClipModel
 from cimlic.models.heads import FrozenClipModel, cosine_logits, dualcoop_aggregate, prompt_classname
 
@@ -27,7 +28,7 @@ def _check_prompts_fit(clip: ClipModel, prompts: list[str], names: list[str]) ->
     over = (need > clip.context_length).nonzero().flatten().tolist()
     if over:
         i = over[0]
-        raise ValueError(
+        raise ConfigError(
             f"the prompt for class {names[i]!r} needs {int(need[i])} tokens but CLIP {clip.arch!r} holds "
             f"{clip.context_length}: use fewer context vectors (model.n_ctx) or a shorter class name"
         )
@@ -65,7 +66,7 @@ class PromptLearner(nn.Module):
         if words:
             n_ctx = int(clip.eot_index(clip.tokenize([words]))[0]) - 1  # tokens between [SOS] and [EOS]
         elif n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1 (got {n_ctx})")
+            raise ConfigError(f"n_ctx must be >= 1 (got {n_ctx})")
         placeholder = words or " ".join(["X"] * n_ctx)
         prompts = [f"{placeholder} {name}." for name in names]
         _check_prompts_fit(clip, prompts, names)
@@ -125,7 +126,7 @@ class CoOp(FrozenClipModel):
 class LMPT(CoOp):
     """LMPT: class-specific CoOp prompts; with captions in the batch it also returns the CSE loss inputs.
 
-    ``batch["caption_tokens"]`` (B, L) (from ``tokenize_captions``) or ``batch["caption"]`` (B strings) are encoded
+    ``batch["caption_tokens"]`` (B, L) (from ``tokenize_captions``) are encoded
     by the frozen text tower into ``loss_inputs["caption_emb"]`` (B, D), next to ``loss_inputs["prompt_emb"]`` (C, D).
     Without captions (evaluation) only the logits are returned.
     """
@@ -142,8 +143,6 @@ class LMPT(CoOp):
         text = self.text_features()  # (C, D)
         out = {"logits": cosine_logits(feats["global"], text, self.clip.logit_scale)}
         tokens = batch.get("caption_tokens")
-        if tokens is None and "caption" in batch:
-            tokens = self.tokenize_captions(batch["caption"])
         if tokens is not None:
             if tokens.ndim != 2 or tokens.shape[1] != self.clip.context_length:
                 raise ValueError(
@@ -185,7 +184,7 @@ class DualCoOp(FrozenClipModel):
     ) -> None:
         super().__init__(clip)
         if tau_s <= 0 or tau <= 0:
-            raise ValueError(f"DualCoOp temperatures must be > 0 (tau_s={tau_s}, tau={tau})")
+            raise ConfigError(f"DualCoOp temperatures must be > 0 (tau_s={tau_s}, tau={tau})")
         self.released_logit = released_logit
         self.mean_token = mean_token and clip.has_mean_token
         if mean_token and not clip.has_mean_token:

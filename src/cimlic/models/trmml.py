@@ -31,40 +31,16 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cimlic.config import DiversityConfig, ModelConfig, TRMMLConfig
+from cimlic.distributed import all_gather_cat, all_reduce_
+from cimlic.errors import ConfigError
 from cimlic.models.clip import ClipModel
 from cimlic.models.heads import FrozenClipModel, build_diversity, class_text_features
 
 logger = logging.getLogger(__name__)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce(x: Tensor) -> Tensor:
-    """Sum over ranks (in place) when torch.distributed is running; identity otherwise."""
-    if _distributed():
-        dist.all_reduce(x)
-    return x
-
-
-def _all_gather_cat(x: Tensor) -> Tensor:
-    """Concatenate the (n_r, ...) tensors of all ranks along dim 0 (sizes may differ); identity without DDP."""
-    if not _distributed():
-        return x
-    size = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
-    padded = x.new_zeros((int(max(sizes)), *x.shape[1:]))
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(n)] for p, n in zip(parts, sizes, strict=True)])
 
 
 def region_text_nce(regions: Tensor, text: Tensor, targets: Tensor, temp: float) -> Tensor:
@@ -120,7 +96,6 @@ class TRMML(FrozenClipModel):
     """
 
     needs_local_features = True
-    state_buffers = ("visual_proto", "proto_seen", "pos_threshold", "neg_threshold", "threshold_ready")
 
     def __init__(
         self,
@@ -134,7 +109,7 @@ class TRMML(FrozenClipModel):
         _check(cfg)
         embed, dim, n = clip.embed_dim, cfg.dim or clip.embed_dim, len(classnames)
         if dim % cfg.heads:
-            raise ValueError(f"TRM-ML: heads ({cfg.heads}) must divide the query width ({dim})")
+            raise ConfigError(f"TRM-ML: heads ({cfg.heads}) must divide the query width ({dim})")
         self.cfg = cfg
         self.logit_scale = float(cfg.logit_scale) if cfg.logit_scale > 0 else clip.logit_scale
         text = class_text_features(clip, classnames, templates)  # (C, E), normalised
@@ -229,8 +204,8 @@ class TRMML(FrozenClipModel):
 
     def _update_prototypes(self, r: Tensor, known_pos: Tensor) -> None:
         """v_c <- m v_c + (1 - m) mean(r_ic over known positives), summed over ranks; first value = the mean."""
-        sums = _all_reduce(torch.einsum("bc,bce->ce", known_pos.float(), r))  # (C, E)
-        counts = _all_reduce(known_pos.float().sum(dim=0))  # (C,)
+        sums = all_reduce_(torch.einsum("bc,bce->ce", known_pos.float(), r))  # (C, E)
+        counts = all_reduce_(known_pos.float().sum(dim=0))  # (C,)
         has = counts > 0
         mean = sums / counts.clamp(min=1.0)[:, None]
         m = self.cfg.proto_momentum
@@ -247,7 +222,7 @@ class TRMML(FrozenClipModel):
         device = self.visual_proto.device
         q = torch.cat(self._q) if self._q else torch.zeros(0, device=device)
         cls = torch.cat(self._q_class) if self._q_class else torch.zeros(0, dtype=torch.long, device=device)
-        q, cls = _all_gather_cat(q), _all_gather_cat(cls)  # (M,) each
+        q, cls = all_gather_cat(q), all_gather_cat(cls)  # (M,) each
         levels = torch.tensor([self.cfg.neg_quantile, self.cfg.pos_quantile], device=device)
         for c in cls.unique().tolist():
             neg, pos = torch.quantile(q[cls == c], levels).tolist()
@@ -270,7 +245,7 @@ class TRMML(FrozenClipModel):
         """
         self.update_thresholds()
         zero = torch.zeros(5, dtype=torch.float64, device=self.visual_proto.device)
-        counts = _all_reduce(self._counts.clone() if self._counts is not None else zero)
+        counts = all_reduce_(self._counts.clone() if self._counts is not None else zero)
         self._counts = None
         pos, neg, pos_right, neg_right, truth = counts.tolist()
         stats = {"pseudo_pos": pos, "pseudo_neg": neg, "pseudo_classes": float(self.threshold_ready.sum())}
@@ -286,12 +261,12 @@ class TRMML(FrozenClipModel):
 def _check(cfg: TRMMLConfig) -> None:
     """Raise ValueError on settings that cannot work."""
     if not 0.0 <= cfg.neg_quantile <= cfg.pos_quantile <= 1.0:
-        raise ValueError(f"TRM-ML: need 0 <= neg_quantile <= pos_quantile <= 1 (got {cfg.neg_quantile}, "
+        raise ConfigError(f"TRM-ML: need 0 <= neg_quantile <= pos_quantile <= 1 (got {cfg.neg_quantile}, "
                          f"{cfg.pos_quantile})")  # fmt: skip
     if not 0.0 <= cfg.proto_momentum < 1.0:
-        raise ValueError(f"TRM-ML: proto_momentum must be in [0, 1) (got {cfg.proto_momentum})")
+        raise ConfigError(f"TRM-ML: proto_momentum must be in [0, 1) (got {cfg.proto_momentum})")
     if cfg.contrastive_temp <= 0 or cfg.mlp_ratio <= 0 or cfg.dim < 0 or cfg.warmup_epochs < 0:
-        raise ValueError("TRM-ML: contrastive_temp and mlp_ratio must be > 0, dim and warmup_epochs >= 0")
+        raise ConfigError("TRM-ML: contrastive_temp and mlp_ratio must be > 0, dim and warmup_epochs >= 0")
 
 
 def build_trmml(cfg: ModelConfig, classnames: Sequence[str], clip: ClipModel) -> TRMML:
