@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 from cimlic import checkpoint as ckpt
 from cimlic.cache import weights_digest
 from cimlic.cli import main
-from cimlic.config import CPRFLConfig, DiversityConfig, ModelConfig
+from cimlic.config import ModelConfig
 from cimlic.errors import ConfigError
 from cimlic.models import build_model
 from cimlic.models.backbones import build_backbone, list_backbones
-from cimlic.models.cprfl import CPRFL, VSILayer
+from cimlic.models.cprfl import CPRFL, CPRFLConfig, VSILayer
+from cimlic.models.diversity import DiversityConfig
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 NEEDS_TIMM = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed (optional)")
@@ -43,7 +44,7 @@ def _build(arch: str = "cimlic-tiny-vit", diversity: bool = False, **cprfl) -> C
 
 
 def _images(model: CPRFL, n: int = 2, seed: int = 0) -> torch.Tensor:
-    size = model.input_spec[0]
+    size = model.input_spec()[0]
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
@@ -67,7 +68,7 @@ def test_shapes_and_classifier_by_hand(arch, over):
         for c in range(len(CLASSES)):
             expected = torch.dot(parts["refined"][b, c], parts["prompts"][c])
             assert logits[b, c].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
-    size, mean, std = model.input_spec
+    size, mean, std = model.input_spec()
     if over["backbone"] == "clip":
         assert (size, mean, std) == (model.clip.image_size, model.clip.image_mean, model.clip.image_std)
     else:
@@ -167,8 +168,8 @@ def test_text_tower_frozen_by_default_trainable_with_switch(tmp_path):
 
 def test_freeze_backbone():
     model = _build("cimlic-tiny-rn", freeze_backbone=True).train()  # a ResNet: batch-norm must stay in eval mode
-    assert model.uses_frozen_image_tower and model.image_tower is model.backbone
-    assert model.clip.cprfl_backbone is model.backbone and not model.backbone.training
+    assert model.feature_tower is model.backbone and "backbone" in model.frozen_parts()
+    assert not model.backbone.training
     assert not any(p.requires_grad for p in model.backbone.parameters())
     assert {n.split(".")[0] for n in _trainable(model)} == {"phi", "pi", "vsi"}
     assert not any(k.startswith("backbone.") for k in ckpt.trainable_state(model))  # frozen: never checkpointed

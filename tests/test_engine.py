@@ -21,6 +21,7 @@ from cimlic.config import Config, LossConfig, TrainConfig
 from cimlic.distributed import init_distributed, shard
 from cimlic.engine import Trainer
 from cimlic.losses import BCELoss, build_loss
+from cimlic.models.base import Method
 from cimlic.optim import EMA, lr_at
 from cimlic.rundir import RunDirError
 
@@ -45,15 +46,13 @@ class ToyData(Dataset):
         return {"feat_global": self.x[i], "target": self.targets[i], "index": i}
 
 
-class ToyModel(nn.Module):
+class ToyModel(Method):
     """Frozen 'clip' (parameters + a buffer) -> dropout -> trainable head; an aux L2 loss; buffers of each kind."""
 
     def __init__(self, dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(C)
         torch.manual_seed(seed)
-        self.num_classes = C
-        self.clip = nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D))  # frozen; BN must stay in eval mode
-        self.clip.requires_grad_(False)
+        self.freeze("clip", nn.Sequential(nn.Linear(D, D), nn.BatchNorm1d(D)))  # BN must stay in eval mode
         self.drop = nn.Dropout(dropout)
         self.head = nn.Linear(D, C)
         self.register_buffer("logit_bias", torch.zeros(C))  # persistent, saved
@@ -65,14 +64,13 @@ class ToyModel(nn.Module):
         return {"logits": logits, "aux_losses": {"l2": 1e-3 * self.head.weight.pow(2).sum()}}
 
 
-class ZeroShot(nn.Module):
+class ZeroShot(Method):
     """No trainable parameter at all (like zero-shot CLIP)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(C)
         torch.manual_seed(0)
-        self.num_classes = C
-        self.clip = nn.Linear(D, C).requires_grad_(False)
+        self.freeze("clip", nn.Linear(D, C))
         self.register_buffer("scale", torch.tensor(2.0))
 
     def forward(self, batch: dict) -> dict:

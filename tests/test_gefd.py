@@ -21,7 +21,7 @@ from cimlic.config import load_config
 from cimlic.data.samplers import GroupSampler, build_sampler
 from cimlic.losses import BCELoss, FocalLoss, GradBalanceLoss, build_loss
 from cimlic.models import build_model
-from cimlic.models.heads import DiversityModule
+from cimlic.models.diversity import DiversityModule
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 TINY = ["model.clip_arch=cimlic-tiny-vit", "model.random_init=true", "model.cprfl.ffn=64"]
@@ -283,7 +283,7 @@ def _model(name: str, diversity: bool):
 def _inputs(model, name: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     if name == "cprfl":
-        size = model.input_spec[0]
+        size = model.input_spec()[0]
         return {"image": torch.randn(6, 3, size, size, generator=g)}
     x = torch.randn(6, 3, model.clip.image_size, model.clip.image_size, generator=g)
     return {f"feat_{k}": v for k, v in model.image_features(x).items()}

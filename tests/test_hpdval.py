@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from cimlic import checkpoint as ckpt
 from cimlic.cli import main
-from cimlic.config import Config, HPDVALConfig, LossConfig, ModelConfig, to_dict
+from cimlic.config import Config, LossConfig, ModelConfig, to_dict
 from cimlic.data.glyphs import build_world
 from cimlic.losses import build_loss
 from cimlic.models import build_model
-from cimlic.models.hpdval import HPDVAL, dual_view_scores, fuse_views, l1_distance, topk_mean
+from cimlic.models.hpdval import HPDVAL, HPDVALConfig, dual_view_scores, fuse_views, l1_distance, topk_mean
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 PROMPTS = {"prompt_global.ctx", "prompt_local.ctx"}
@@ -108,11 +108,11 @@ def test_stage1_logits_are_scaled_dual_view_scores_of_hand_prompts():
 # -------------------------------------------------------------------------------- student and teacher
 def test_stage1_student_is_separate_and_kd():
     model = _build("hpdval_stage1").train()
-    assert model.uses_frozen_image_tower is False and model.needs_local_features
+    assert model.feature_tower is None and model.feature_keys == ("global", "local")
     assert {id(p) for p in model.student.parameters()}.isdisjoint(id(p) for p in model.clip.parameters())
     assert all(p.requires_grad for p in model.student.parameters())
     assert not any(p.requires_grad for p in model.clip.parameters())
-    assert _trainable(model) == {k for k in model.state_dict() if not k.startswith("clip.")}
+    assert _trainable(model) == {k for k in model.state_dict() if not k.startswith(model.frozen_prefixes())}
     x = _images(model)
     out = model({"image": x})
     assert set(out["aux_losses"]) == {"kd"} and float(out["aux_losses"]["kd"].detach()) < 1e-5  # student starts at CLIP
@@ -145,8 +145,8 @@ def test_stage2_trains_only_prompts_and_keeps_the_student(tmp_path):
     _stage1_run(tmp_path / "s1")
     model = _build("hpdval_stage2", stage1_run=str(tmp_path / "s1")).train()
     assert _trainable(model) == PROMPTS
-    assert {k for k in model.state_dict() if not k.startswith("clip.")} == PROMPTS  # what a checkpoint holds
-    assert model.uses_frozen_image_tower is True and model.image_tower is model.student is model.clip.student
+    assert set(ckpt.trainable_tensors(model)) == PROMPTS  # what a checkpoint holds
+    assert model.feature_tower is model.student and list(model.frozen_parts()) == ["clip", "student"]
     assert not model.student.training
     before = {k: v.clone() for k, v in model.student.state_dict().items()}
     ctx = model.prompt_global.ctx.detach().clone()
@@ -166,7 +166,7 @@ def test_stage2_loads_the_stage1_student(tmp_path):
     model = _build("hpdval_stage2", stage1_run=str(tmp_path / "s1"))
     for name, value in model.student.state_dict().items():
         assert torch.equal(value, saved[f"student.{name}"]), name
-    assert "student" in model.clip.source
+    assert "student: " in model.identity()["source"] and str(tmp_path / "s1") in model.identity()["source"]
     fresh = _build("hpdval_stage2")  # no stage-1 run: the un-trained student (released-code behaviour)
     x = _images(model)
     with torch.no_grad():
@@ -231,7 +231,7 @@ def test_ablation_switches():
     assert not _trainable(none)
     joint = _build("hpdval_joint").train()
     assert _trainable(joint) > PROMPTS and "student.visual.conv1.weight" in _trainable(joint)
-    assert joint.uses_frozen_image_tower is False
+    assert joint.feature_tower is None
     assert set(joint({"image": x})["aux_losses"]) == {"kd", "sc"}
     assert "aux_losses" not in _build("hpdval_stage1", kd_weight=0.0).train()({"image": x})
     with pytest.raises(ValueError, match="hpdval.alpha"):

@@ -18,12 +18,12 @@ import yaml
 from sklearn.metrics import average_precision_score
 
 from cimlic import checkpoint as ckpt
-from cimlic.config import Config, ConfigError, CPRFLConfig, HPDVALConfig, ModelConfig, load_config, to_dict
+from cimlic.config import Config, ConfigError, ModelConfig, load_config, to_dict
 from cimlic.metrics import evaluate
 from cimlic.models import build_model
-from cimlic.models.cprfl import VSILayer
-from cimlic.models.heads import dualcoop_aggregate
-from cimlic.models.hpdval import dual_view_scores
+from cimlic.models.cprfl import CPRFLConfig, VSILayer
+from cimlic.models.dualcoop import DualCoOpConfig, dualcoop_aggregate
+from cimlic.models.hpdval import HPDVALConfig, dual_view_scores
 from cimlic.presets import NOT_REPRODUCED, PRESETS, RELEASED, markdown_table, preset_overrides
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
@@ -135,8 +135,8 @@ def test_dualcoop_released_logits_carry_tau_s_times_tau():
 def test_mean_token_equals_the_attention_pool_mean_token():
     """The 50th region: the pool's mean token through its value and output projections, from the spatial features."""
     torch.manual_seed(0)
-    cfg = ModelConfig(name="dualcoop", clip_arch="cimlic-tiny-rn", random_init=True, dense_mean_token=True,
-                      dualcoop_logit="released", n_ctx=4, n_ctx_neg=4)  # fmt: skip
+    cfg = ModelConfig(name="dualcoop", clip_arch="cimlic-tiny-rn", random_init=True, n_ctx=4,
+                      dualcoop=DualCoOpConfig(n_ctx_neg=4, logit="released", mean_token=True))  # fmt: skip
     model = build_model(cfg, CLASSES).eval()
     clip, x = model.clip, _images(model.clip.image_size)
     visual = clip.model.visual
@@ -163,7 +163,7 @@ def test_mean_token_equals_the_attention_pool_mean_token():
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
     assert with_mean.shape[1] == local.shape[1] + 1
     vit = build_model(ModelConfig(name="dualcoop", clip_arch="cimlic-tiny-vit", random_init=True,
-                                  dense_mean_token=True, n_ctx=4, n_ctx_neg=4), CLASSES)  # fmt: skip
+                                  n_ctx=4, dualcoop=DualCoOpConfig(n_ctx_neg=4, mean_token=True)), CLASSES)  # fmt: skip
     assert vit.mean_token is False  # a ViT has no pool mean token: its patch tokens are the regions
 
 
@@ -344,7 +344,7 @@ def test_released_preset_trains_and_reloads_end_to_end(glyph_data, tmp_path):
 
     cfg = {"name": "rel", "data": glyph_data,
            "model": {"name": "dualcoop", "clip_arch": "cimlic-tiny-rn", "random_init": True, "n_ctx": 4,
-                     "n_ctx_neg": 4, "preset": "released"},
+                     "dualcoop": {"n_ctx_neg": 4}, "preset": "released"},
            "train": {"epochs": 1, "batch_size": 16, "num_workers": 0, "lr": 0.01,
                      "cache_dir": str(tmp_path / "cache")},
            "loss": {"name": "asl"}}  # fmt: skip
@@ -353,7 +353,10 @@ def test_released_preset_trains_and_reloads_end_to_end(glyph_data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
     saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
-    assert saved["preset"] == "released" and saved["dualcoop_logit"] == "released" and saved["dense_mean_token"]
+    assert saved["preset"] == "released" and saved["dualcoop"] == saved["dualcoop"] | {
+        "logit": "released",
+        "mean_token": True,
+    }
     first = yaml.safe_load((run / "eval.json").read_text())
     assert main(["eval", "--run", str(run)]) == 0
     again = yaml.safe_load((run / "eval_test_sklearn.json").read_text())

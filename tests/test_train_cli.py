@@ -12,7 +12,7 @@ import yaml
 from cimlic.cli import main
 from cimlic.data.glyphs import build_world
 from cimlic.data.labels import read_classes, read_label_list
-from cimlic.models import list_models
+from cimlic.models import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def write_config(path: Path, world: Path, model: str, **extra) -> Path:
         "data": {"classes": str(world / "classes.txt"), "train_labels": str(world / "train.txt"),
                  "test_labels": str(world / "test.txt"), "image_root": str(world / "images"),
                  "image_pattern": "{id}.png"},
-        "model": {"name": model, "clip_arch": "cimlic-tiny-vit", "random_init": True, "n_ctx": 4, "n_ctx_neg": 4},
+        "model": {"name": model, "clip_arch": "cimlic-tiny-vit", "random_init": True, "n_ctx": 4,
+                  "dualcoop": {"n_ctx_neg": 4}},
         "train": {"epochs": 1, "batch_size": 16, "num_workers": 0, "lr": 0.01, "cache_dir": str(path.parent / "cache")},
         "loss": {"name": "lmpt" if model == "lmpt" else "asl"},
     }  # fmt: skip
@@ -47,7 +48,7 @@ def write_config(path: Path, world: Path, model: str, **extra) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model", list_models())
+@pytest.mark.parametrize("model", [name for name, spec in METHODS.items() if spec.build is not None])
 def test_train_eval_predict(model, world, tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", world, model)
     run = tmp_path / "run"
@@ -112,7 +113,11 @@ def test_train_errors(world, tmp_path, capsys):
     assert "random_init" in capsys.readouterr().err
     nocap = write_config(tmp_path / "l.yaml", world, "coop", loss__name="lmpt")
     assert main(["train", "--config", str(nocap), "--run-dir", str(tmp_path / "r5")]) == 2
-    assert "needs data.captions" in capsys.readouterr().err
+    assert "loss.name=lmpt needs caption_emb" in capsys.readouterr().err
+    nocap = write_config(tmp_path / "m.yaml", world, "lmpt")
+    nocap.write_text(nocap.read_text().replace("captions: " + str(world / "captions.txt"), "captions: ''"))
+    assert main(["train", "--config", str(nocap), "--run-dir", str(tmp_path / "r6")]) == 2
+    assert "needs data.captions" in capsys.readouterr().err and not (tmp_path / "r6").exists()
 
 
 def test_torchrun_two_processes(world, tmp_path):

@@ -13,10 +13,10 @@ import yaml
 
 from cimlic import checkpoint as ckpt
 from cimlic.cli import main
-from cimlic.config import DiversityConfig, ModelConfig, TRMMLConfig
+from cimlic.config import ModelConfig
 from cimlic.models import build_model
-from cimlic.models.heads import DiversityModule
-from cimlic.models.trmml import multimodal_contrastive_loss, region_supcon, region_text_nce
+from cimlic.models.diversity import DiversityConfig, DiversityModule
+from cimlic.models.trmml import TRMMLConfig, multimodal_contrastive_loss, region_supcon, region_text_nce
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 C = len(CLASSES)

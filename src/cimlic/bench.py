@@ -49,17 +49,16 @@ def bench_cache(cfg: Config, max_images: int = 0) -> dict:
     splits = load_splits(cfg)
     train = splits.train.subset(range(min(max_images, len(splits.train)))) if max_images else splits.train
     model = build_model_for(cfg, splits.classnames)
-    if not getattr(model, "uses_frozen_image_tower", False):
+    if model.feature_tower is None:
         raise ConfigError(f"model {cfg.model.name!r} has no frozen image tower: nothing to cache")
-    images = image_dataset(cfg, train, "train", model_transform(model, cfg, train=False))
+    images = image_dataset(cfg, train, "train", model_transform(model, train=False))
     loss_fn = build_loss(cfg.loss, torch.as_tensor(train.class_counts()), len(train))
     model.train()
     uncached_s, steps = _epoch(model, loss_fn, images, cfg.train.batch_size)
-    need = ("global", "local") if getattr(model, "needs_local_features", False) else ("global",)
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
-        feats = load_or_compute(model.image_features, model.clip, images, Path(tmp), required=need,
-                                batch_size=cfg.train.batch_size)  # fmt: skip
+        feats = load_or_compute(model.image_features, model.feature_tower, images, Path(tmp),
+                                required=model.feature_keys, batch_size=cfg.train.batch_size)  # fmt: skip
         build_s = time.perf_counter() - tic
     cached_s, _ = _epoch(model, loss_fn, CachedFeatureDataset(feats, images.targets), cfg.train.batch_size)
     result = {
@@ -78,7 +77,7 @@ def bench_train(cfg: Config, max_images: int = 0) -> dict:
     splits = load_splits(cfg)
     train = splits.train.subset(range(min(max_images, len(splits.train)))) if max_images else splits.train
     model = build_model_for(cfg, splits.classnames)
-    images = image_dataset(cfg, train, "train", model_transform(model, cfg, train=False))
+    images = image_dataset(cfg, train, "train", model_transform(model, train=False))
     loss_fn = build_loss(cfg.loss, torch.as_tensor(train.class_counts()), len(train))
     model.train()
     seconds, steps = _epoch(model, loss_fn, images, cfg.train.batch_size)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -31,14 +31,28 @@ logger = logging.getLogger(__name__)
 FeatureFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-def weights_digest(module: nn.Module) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a module's parameters and buffers."""
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a state dict's tensors (in name order)."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(state.items()):
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         t = t.detach().cpu().contiguous().reshape(-1)
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of a module's parameters and buffers."""
+    return state_digest(module.state_dict())
+
+
+def parts_digest(parts: Mapping[str, nn.Module]) -> str:
+    """One digest of several modules: ``clip``'s own names, the others' under ``<name>.`` (as if held by CLIP)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in parts.items():
+        prefix = "" if name == "clip" else f"{name}."
+        state.update({prefix + k: v for k, v in module.state_dict().items()})
+    return state_digest(state)
 
 
 def dataset_digest(dataset: MultiLabelDataset) -> str:

@@ -1,9 +1,10 @@
 """Checkpoints and resume state (run-folder checks and logs: ``cimlic.rundir``).
 
 A checkpoint ``<stem>`` is two files: ``<stem>.safetensors`` holds the trainable tensors (parameters with
-``requires_grad=True`` and persistent buffers whose names do not start with ``clip.``; never CLIP's frozen
-weights) and ``<stem>.json`` holds the metadata (config, class names, counts, versions, metrics, the tensor
-names and the SHA-256 of the tensor file, so that a pair torn by a crash between the two renames is detected).
+``requires_grad=True`` and persistent buffers outside the method's frozen parts, ``Method.frozen_prefixes()``;
+never CLIP's or any other frozen weights) and ``<stem>.json`` holds the metadata (config, class names, counts,
+versions, metrics, the tensor names and the SHA-256 of the tensor file, so that a pair torn by a crash between the
+two renames is detected).
 Every write goes to a temporary file in the target's folder, is flushed to disk and renamed over the target
 (``os.replace``), so a reader sees the old file or the new one, never half of one.
 
@@ -36,7 +37,6 @@ from cimlic.io import atomic_write_files, json_bytes, read_json, save_torch, sta
 logger = logging.getLogger(__name__)
 
 FORMAT = "cimlic-checkpoint-1"
-FROZEN_PREFIX = "clip."  # frozen CLIP lives under the model attribute ``clip``
 
 
 class CheckpointError(CimlicError, ValueError):
@@ -50,12 +50,17 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def trainable_tensors(model: nn.Module) -> dict[str, Tensor]:
-    """Live trainable tensors by state-dict name: parameters with requires_grad, persistent non-``clip.`` buffers."""
+    """Live trainable tensors by state-dict name: parameters with requires_grad, persistent buffers outside the
+    frozen parts of a :class:`cimlic.models.base.Method` (any other module has none); DDP wrappers are unwrapped."""
+    from cimlic.models.base import Method  # at call time: the models import this module
+
+    method = unwrap(model)
+    frozen = method.frozen_prefixes() if isinstance(method, Method) else ()
     out = {}
-    for name, t in unwrap(model).state_dict(keep_vars=True).items():
+    for name, t in method.state_dict(keep_vars=True).items():
         if not isinstance(t, Tensor):
             continue  # extra state
-        keep = t.requires_grad if isinstance(t, nn.Parameter) else not name.startswith(FROZEN_PREFIX)
+        keep = t.requires_grad if isinstance(t, nn.Parameter) else not name.startswith(frozen)
         if keep:
             out[name] = t
     return out
@@ -171,8 +176,11 @@ def load_checkpoint(
     tensors, meta = read_checkpoint(path_stem)
     tensor_path = _paths(path_stem)[0]
     saved = meta.get("classnames")
-    num_classes = getattr(unwrap(model), "num_classes", None)
-    if saved is not None and isinstance(num_classes, int) and len(saved) != num_classes:
+    from cimlic.models.base import Method  # at call time: the models import this module
+
+    method = unwrap(model)
+    num_classes = method.num_classes if isinstance(method, Method) else None
+    if saved is not None and num_classes is not None and len(saved) != num_classes:
         raise CheckpointError(f"{tensor_path}: trained for {len(saved)} classes, the model has {num_classes}")
     if saved is not None and classnames is not None and list(saved) != list(classnames):
         first = next(

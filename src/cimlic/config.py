@@ -128,75 +128,9 @@ class EvalConfig:
 
 
 @dataclass
-class HPDVALConfig:
-    alpha: float = 0.4  # fusion weight of the global view (fusion=released: of the local view)
-    topk: int = 32  # local view: mean of the k best token scores per class (clamped to the token count)
-    fusion: Literal["paper", "released"] = "paper"  # released: L2-normalise each view's scores over classes first
-    cosine: bool = True  # score cosine similarities (paper); false = raw dot products of the features (released)
-    logit_scale: float = 0.0  # multiplier of the fused scores; 0 = CLIP's logit scale, 1 = none (released)
-    student_init: Literal["clip", "random"] = "clip"  # stage-1 student: CLIP's image tower (released) or random
-    embed_head: Literal["linear", "mlp"] = "linear"  # student to text space: CLIP's proj, or proj + residual MLP
-    kd_weight: float = 1.0  # weight of L_kd = mean |f_CLIP(x) - f_cls(x)| (||.||_1 / D; stage 1, joint)
-    stage1_run: str = ""  # stage 2: stage-1 run folder whose best student is loaded and frozen
-    load_stage1: bool = True  # stage 2 starts from the stage-1 student; false = from the un-trained one (released)
-    n_ctx: int = 4  # stage 2 / joint: context vectors M of the global and of the local prompts
-    prompt_init: Literal["random", "words"] = "random"  # contexts from N(0, 0.02) (paper) or "a photo of a" (released)
-    share_contexts: bool = False  # global and local contexts as two parameters over ONE tensor (released, see docs)
-    learn_global: bool = True  # learnable global prompts (False: the global view uses the hand-crafted P^H)
-    learn_local: bool = True  # learnable local prompts (False: the local view uses the hand-crafted P^H)
-    use_sc: bool = True  # add the semantic-consistency loss L_sc (stage 2, joint)
-    sc_on: Literal["global", "local"] = "global"  # prompts L_sc ties to P^H: global (paper) or local (released)
-    sc_weight: float = 1.0  # weight of L_sc = mean |P^H - P^G| (or P^L; ||.||_1 / D)
-    stage2_epochs: int = 10  # model.name=hpdval (both stages in one run): epochs of stage 2 (stage 1: train.epochs)
-    stage2_lr: float = 5e-6  # model.name=hpdval: peak learning rate of stage 2 (stage 1: train.lr)
+class ModelCommon:
+    """The fields of ``model`` every method shares; ``ModelConfig`` adds one section per method that declares one."""
 
-
-@dataclass
-class DiversityConfig:
-    enabled: bool = False  # GE/FD diversity enhancement over the C category tokens (CPRFL, TRM-ML) [our design]
-    heads: int = 4  # attention heads of the cross-category self-attention (must divide the token width)
-    dropout: float = 0.1  # dropout on the attention output before the residual connection
-
-
-@dataclass
-class CPRFLConfig:
-    backbone: str = "clip"  # "clip" (trainable copy of CLIP's image trunk) or a torchvision/timm name (resnet101, ...)
-    backbone_weights: str = ""  # torchvision/timm: local ImageNet weights file, "imagenet" (online only), "" = random
-    image_size: int = 0  # square input size of the backbone; 0 = CLIP's for backbone=clip, else 448 (the paper)
-    freeze_backbone: bool = False  # keep the visual backbone frozen (only phi, PI, VSI train)
-    dim: int = 0  # width d of the visual tokens F and the prompts P (0 = the backbone's feature width)
-    pi_hidden: int = 0  # hidden width of the PI MLP (0 = d / 2, the paper)
-    heads: int = 8  # attention heads of the VSI layer (must divide d)
-    head_dim: int = 0  # width of each VSI attention head (0 = d / heads, then heads must divide d; authors' code: 512)
-    ffn: int = 2048  # feed-forward width of the VSI layer
-    vsi_residual: bool = False  # residual connections in the VSI layer (the authors' code has none)
-    vsi_layout: Literal["released", "standard"] = "released"  # released: bias-free q/k/v, dropout on the layer output;
-    # standard: q/k/v with biases and dropout on the attention weights as well (nn.MultiheadAttention's layout)
-    vsi_dropout: float = 0.1  # dropout inside the VSI layer
-    prompt_template: str = "a photo of a {}."  # text of the PI input W (CLIP text embeddings, computed once)
-    train_text: bool = False  # trainable CLIP text tower (released code) instead of frozen (paper)
-    vsi_path: bool = True  # gradient reaches P through the VSI layer (False = P detached at the VSI input)
-    dot_path: bool = True  # gradient reaches P through the final dot product (False = P detached there)
-
-
-@dataclass
-class TRMMLConfig:
-    dim: int = 0  # width of the category queries / attention (0 = CLIP's embedding width)
-    heads: int = 4  # heads of the cross-attention block
-    mlp_ratio: float = 2.0  # hidden width of the small MLP after the cross-attention, times dim
-    dropout: float = 0.1  # dropout in the cross-attention block
-    logit_scale: float = 0.0  # s in z_c = s cos(r_c, t_c); 0 = CLIP's logit scale
-    contrastive_weight: float = 1.0  # weight of the multimodal contrastive loss
-    contrastive_temp: float = 0.07  # InfoNCE temperature
-    proto_momentum: float = 0.9  # EMA momentum of the visual prototypes
-    pseudo_labels: bool = True  # fill unknown entries with prototype pseudo-labels after the warm-up
-    warmup_epochs: int = 1  # epochs before pseudo-labelling starts
-    pos_quantile: float = 0.9  # pseudo-positive: q >= this quantile of the class's known-positive q
-    neg_quantile: float = 0.1  # pseudo-negative: q < this quantile of the class's known-positive q
-
-
-@dataclass
-class ModelConfig:
     name: str = "zeroshot"  # one of cimlic.models.list_models()
     preset: Literal["paper", "released", "released_exact"] = "paper"  # released: the authors' code (cimlic.presets)
     clip_arch: str = "RN50"  # open_clip architecture (OpenAI checkpoints load as "<arch>-quickgelu")
@@ -204,23 +138,34 @@ class ModelConfig:
     clip_pretrained: str = ""  # open_clip pretrained tag (needs the network; empty = none)
     clip_allow_torchscript: bool = False  # open TorchScript archives (OpenAI's .pt files run code: trusted files only)
     random_init: bool = False  # allow a randomly initialised CLIP when no checkpoint is given (tests, Digits)
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # zero-shot prompt templates
-    n_ctx: int = 16  # CoOp-family: number of learnable context vectors
-    ctx_init: str = ""  # initialise the context from these words (e.g. "a photo of a"); empty = N(0, 0.02)
-    csc: bool = False  # class-specific contexts (True) or one shared context (False)
-    n_ctx_neg: int = 16  # DualCoOp: context length of the negative prompts
-    tau_s: float = 20.0  # DualCoOp: spatial softmax temperature
-    tau: float = 5.0  # DualCoOp: logit scale of the aggregated region scores
-    learn_temps: bool = False  # DualCoOp: learn tau_s and tau
-    dualcoop_logit: Literal["paper", "released"] = "paper"  # released: tau_s * tau * sum_r a s (tau_s reused: 100x)
-    dense_mean_token: bool = False  # DualCoOp on ResNet CLIPs: the attention pool's mean token as a 50th region
-    dropout: float = 0.0  # linear probe: dropout on the image feature
-    probe_normalize: bool = True  # linear probe: L2-normalise the image feature first
-    probe_init: Literal["random", "zeroshot"] = "random"  # linear probe: start from PyTorch's init or zero-shot CLIP
-    hpdval: HPDVALConfig = field(default_factory=HPDVALConfig)  # HP-DVAL (hpdval_stage1/_stage2/_joint)
-    cprfl: CPRFLConfig = field(default_factory=CPRFLConfig)  # CPRFL (model.name=cprfl)
-    trmml: TRMMLConfig = field(default_factory=TRMMLConfig)  # TRM-ML (model.name=trmml)
-    diversity: DiversityConfig = field(default_factory=DiversityConfig)  # GE/FD diversity module (CPRFL, TRM-ML)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # hand-written prompt templates
+    n_ctx: int = 16  # CoOp, DualCoOp (positive prompts), LMPT: number of learnable context vectors
+    ctx_init: str = ""  # CoOp family: initialise the context from these words ("a photo of a"); empty = N(0, 0.02)
+    csc: bool = False  # CoOp, DualCoOp: class-specific contexts (True) or one shared context (False)
+
+
+def _model_config() -> type:
+    """``ModelConfig``: the common fields, then the ``model.<key>`` sections the methods declare (their own files)."""
+    from cimlic.models import config_sections
+
+    fields = [(key, section, field(default_factory=section)) for key, section in config_sections().items()]
+    cls = dataclasses.make_dataclass("ModelConfig", fields, bases=(ModelCommon,))
+    cls.__module__, cls.__doc__ = __name__, "The ``model`` section: the common fields plus one section per method."
+    return cls
+
+
+ModelConfig = _model_config()
+
+# keys that moved into a method's own section: (old path, new path), read with a warning
+MOVED_KEYS = {
+    ("model", "n_ctx_neg"): ("model", "dualcoop", "n_ctx_neg"),
+    ("model", "tau_s"): ("model", "dualcoop", "tau_s"),
+    ("model", "tau"): ("model", "dualcoop", "tau"),
+    ("model", "learn_temps"): ("model", "dualcoop", "learn_temps"),
+    ("model", "dropout"): ("model", "linear_probe", "dropout"),
+    ("model", "probe_normalize"): ("model", "linear_probe", "normalize"),
+    ("model", "probe_init"): ("model", "linear_probe", "init"),
+}
 
 
 @dataclass
@@ -357,7 +302,7 @@ def apply_override(cfg: Any, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. loss.name=asl")
     key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
+    parts = _moved(key.strip().split("."), f"override {key!r}")
     target, where = cfg, ""
     for i, part in enumerate(parts):
         types_ = _field_types(type(target))
@@ -383,6 +328,34 @@ def apply_override(cfg: Any, item: str) -> None:
                 raise ConfigError(f"override {key!r}: {where} is not a section")
 
 
+def _moved(parts: list[str], where: str) -> list[str]:
+    """The current path of a key that moved into a method section (with a warning), else ``parts``."""
+    for old, new in MOVED_KEYS.items():
+        if tuple(parts) == old:
+            logger.warning("%s: %s is now %s (read as such)", where, ".".join(old), ".".join(new))
+            return list(new)
+    return parts
+
+
+def migrate_moved_keys(data: dict, where: str = "config") -> dict:
+    """``data`` (a config as nested dicts) with the keys of ``MOVED_KEYS`` moved to their new place."""
+    for old, new in MOVED_KEYS.items():
+        parent = data
+        for part in old[:-1]:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or old[-1] not in parent:
+            continue
+        value = parent.pop(old[-1])
+        target = data
+        for part in new[:-1]:
+            target = target.setdefault(part, {})
+        if new[-1] in target:
+            raise ConfigError(f"{where}: both {'.'.join(old)} and {'.'.join(new)} are set; keep {'.'.join(new)}")
+        target[new[-1]] = value
+        logger.warning("%s: %s is now %s (read as such)", where, ".".join(old), ".".join(new))
+    return data
+
+
 def load_config(
     path: str | os.PathLike | None = None,
     overrides: list[str] | None = None,
@@ -405,7 +378,7 @@ def load_config(
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: malformed YAML ({err})") from None
         try:
-            cfg = from_dict(cls, data)
+            cfg = from_dict(cls, migrate_moved_keys(data, str(path)) if isinstance(data, dict) else data)
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
     else:

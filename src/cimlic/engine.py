@@ -90,11 +90,7 @@ class Trainer:
 
     Args:
         cfg: the experiment config.
-        model: ``forward(batch) -> {"logits": (B, C), "loss_inputs"?: {name: tensor}, "aux_losses"?: {name: scalar}}``;
-            frozen parts have ``requires_grad=False`` (frozen CLIP under ``model.clip`` is kept in eval mode).
-            Optional: ``out["targets"]`` (B, C) replaces the batch targets in the loss (pseudo-labels);
-            ``model.set_epoch(epoch)`` is called before each training epoch and ``model.epoch_stats() -> {name: float}``
-            after it (logged to metrics.jsonl with ``"split": "train"`` and to log.txt).
+        model: a :class:`cimlic.models.base.Method` (its contract: forward outputs, frozen parts, epoch hooks).
         loss_fn: ``loss_fn(logits, targets, **loss_inputs) -> scalar``; its state_dict is part of the resume state.
         train_set: training items ``{"image" or features, "target": (C,), "index"}``.
         val_set: model-selection split, or None (then the last epoch is selected).
@@ -242,12 +238,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         self.net.train()
         self.loss_fn.train()
-        if hasattr(self.model, "set_epoch"):
-            self.model.set_epoch(epoch)  # e.g. TRM-ML's pseudo-label warm-up
-        clip = getattr(self.model, "clip", None)
-        for m in clip.modules() if isinstance(clip, nn.Module) else []:
-            if not any(p.requires_grad for p in m.parameters(recurse=False)):
-                m.eval()  # frozen CLIP: no dropout, no batch-norm statistics updates
+        self.model.set_epoch(epoch)  # e.g. TRM-ML's pseudo-label warm-up (the frozen parts stay in eval mode)
         self._tic = (time.perf_counter(), self.step)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -313,7 +304,7 @@ class Trainer:
         self.epoch, split = done, self.cfg.eval.select_on
         dataset, last = self.datasets[split], done >= self.cfg.train.epochs or self.step >= self.total_steps
         metrics = None
-        stats = self.model.epoch_stats() if hasattr(self.model, "epoch_stats") and not force else {}
+        stats = self.model.epoch_stats() if not force else {}
         if stats:  # the model's own counters of the epoch (e.g. pseudo-labels made / right)
             self._write_jsonl({"step": self.step, "epoch": done, "split": "train", **stats})
             if self.rank == 0:

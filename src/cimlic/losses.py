@@ -395,7 +395,10 @@ class LMPTLoss(nn.Module):
     ) -> Tensor:
         """Scalar λ·L_DB + (1 − λ)·L_CSE; raises ValueError when the embeddings are missing."""
         if caption_emb is None or prompt_emb is None:
-            raise ConfigError("the LMPT loss needs caption_emb (B, D) and prompt_emb (C, D) as extra inputs")
+            raise ConfigError(
+                "loss.name=lmpt needs caption_emb (B, D) and prompt_emb (C, D) as extra inputs: train model.name=lmpt "
+                "with data.captions (an id<TAB>caption file)"
+            )
         db = self.db(logits, targets)
         cse = self.cse(logits, targets, caption_emb=caption_emb, prompt_emb=prompt_emb)
         self.last_parts = {"db": db.detach(), "cse": cse.detach()}

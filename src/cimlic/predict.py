@@ -134,6 +134,6 @@ def predict_run(
         read_thresholds(thresholds_file, classnames) if thresholds_file else np.full(len(classnames), threshold)
     )
     device = resolve_device(cfg.train.device)
-    scores, ok, failed = score_images(model.to(device), files, model_transform(model, cfg, train=False), device)
+    scores, ok, failed = score_images(model.to(device), files, model_transform(model, train=False), device)
     atomic_write_text(out, format_predictions(scores, ok, classnames, thresholds, fmt))
     return {"scored": len(ok), "failed": [{"image": str(p), "error": e} for p, e in failed], "out": str(out)}

@@ -81,9 +81,9 @@ CPRFL = (
 )  # fmt: skip
 
 DUALCOOP = (
-    Difference("model.dualcoop_logit", "paper", "released",
+    Difference("model.dualcoop.logit", "paper", "released",
                "the tau_s-scaled region scores are reused in the weighted sum: the logits carry tau_s * tau = 100"),
-    Difference("model.dense_mean_token", False, True,
+    Difference("model.dualcoop.mean_token", False, True,
                "ResNet CLIPs: the attention pool's mean token is a 50th region (ViT towers: no change)"),
 )  # fmt: skip
 

@@ -5,10 +5,7 @@ Used by ``cimlic train | eval | predict``; importable for notebooks and scripts.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,11 +14,14 @@ import torch
 from torch.utils.data import Dataset
 
 from cimlic import checkpoint as ckpt
-from cimlic.cache import CachedFeatureDataset, load_or_compute, weights_digest
+from cimlic.cache import CachedFeatureDataset, load_or_compute
 from cimlic.config import Config, ConfigError, load_config, save_config
-from cimlic.data.dataset import MultiLabelDataset, default_transform
+from cimlic.data.dataset import ExtraInputsDataset, MultiLabelDataset, default_transform
 from cimlic.data.labels import LabelSet, read_classes, read_label_list
+from cimlic.data.splits import carve_validation
+from cimlic.distributed import rank_zero_first
 from cimlic.io import read_json, write_json
+from cimlic.models import METHODS, Method
 from cimlic.rundir import RunDirError
 
 logger = logging.getLogger(__name__)
@@ -37,35 +37,6 @@ class Splits:
     classnames: list[str]
     group_counts: np.ndarray
     train_true: LabelSet | None = None  # with data.partial_mask: the unmasked labels of ``train`` (logging only)
-
-
-def carve_validation(labels: LabelSet, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Hold out about ``fraction`` of the training images for model selection. **[our design]**
-
-    Images are visited in a seeded random order and moved to validation while the validation set is
-    smaller than ``fraction``·N and every positive class of the image keeps at most max(1, ⌊fraction·n_c⌋)
-    validation images and at least one training image; so tail classes with a handful of images keep
-    almost all of them for training.
-
-    Returns:
-        (training rows, validation rows), each in ascending order.
-    """
-    counts = labels.class_counts()
-    cap = np.maximum(1, np.floor(fraction * counts)).astype(np.int64)
-    taken = np.zeros_like(counts)
-    target = round(fraction * len(labels))
-    order = list(range(len(labels)))
-    random.Random(seed).shuffle(order)
-    val: list[int] = []
-    for i in order:
-        if len(val) >= target:
-            break
-        pos = labels.targets[i] == 1
-        if (taken[pos] < cap[pos]).all() and (counts[pos] - taken[pos] > 1).all():
-            val.append(i)
-            taken[pos] += 1
-    chosen = set(val)
-    return [i for i in range(len(labels)) if i not in chosen], sorted(val)
 
 
 def load_splits(cfg: Config) -> Splits:
@@ -118,39 +89,18 @@ def image_dataset(cfg: Config, labels: LabelSet, split: str, transform) -> Multi
     return ds
 
 
-def model_transform(model: torch.nn.Module, cfg: Config, train: bool):
-    """The image transform for ``model``.
-
-    ``model.input_spec`` ``(size, mean, std)`` when the model has one (e.g. CPRFL on an ImageNet backbone), else its
-    CLIP tower's size and normalisation, else the data config's size.
-    """
-    spec = getattr(model, "input_spec", None)
-    if spec is not None:
-        size, mean, std = spec
-        return default_transform(int(size), train=train, mean=tuple(mean), std=tuple(std))
-    clip = getattr(model, "clip", None)
-    if clip is None:
-        return default_transform(cfg.data.image_size, train=train)
-    return default_transform(int(clip.image_size), train=train, mean=clip.image_mean, std=clip.image_std)
-
-
-@contextlib.contextmanager
-def _rank_zero_first():
-    """Run the body on rank 0 first, then on the other ranks (no-op without torch.distributed)."""
-    dist = torch.distributed
-    active = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if active and dist.get_rank() != 0:
-        dist.barrier()
-    yield
-    if active and dist.get_rank() == 0:
-        dist.barrier()
+def model_transform(model: Method, train: bool):
+    """The image transform for ``model``: its ``input_spec()`` (size, mean, std), with augmentation when ``train``."""
+    size, mean, std = model.input_spec()
+    return default_transform(int(size), train=train, mean=tuple(mean), std=tuple(std))
 
 
 def build_datasets(
-    cfg: Config, splits: Splits, model: torch.nn.Module, device: str, which: tuple[str, ...] = ("train", "val", "test")
+    cfg: Config, splits: Splits, model: Method, device: str, which: tuple[str, ...] = ("train", "val", "test")
 ) -> dict[str, Dataset | None]:
     """Datasets of the ``which`` splits: cached frozen features where the model allows it, else images."""
-    use_cache = bool(getattr(model, "uses_frozen_image_tower", False)) and cfg.train.cache_features
+    tower = model.feature_tower
+    use_cache = tower is not None and cfg.train.cache_features
     if use_cache and cfg.train.augment:
         logger.info("train.augment is on: training images are augmented, so the training split is not cached")
     out: dict[str, Dataset | None] = {}
@@ -160,73 +110,24 @@ def build_datasets(
             out[split] = None
             continue
         augment = split == "train" and cfg.train.augment
-        ds = image_dataset(cfg, labels, split, model_transform(model, cfg, train=augment))
+        ds = image_dataset(cfg, labels, split, model_transform(model, train=augment))
         if use_cache and not augment:
-            tower = getattr(model, "image_tower", None) or model.clip
-            need = ("global", "local") if getattr(model, "needs_local_features", False) else ("global",)
-            with _rank_zero_first():  # under DDP rank 0 fills the cache, the others then read it
+            with rank_zero_first():  # under DDP rank 0 fills the cache, the others then read it
                 feats = load_or_compute(model.image_features, tower, ds, cfg.train.cache_dir, device=device,
-                                        batch_size=max(cfg.train.batch_size, 64), required=need)  # fmt: skip
+                                        batch_size=max(cfg.train.batch_size, 64),
+                                        required=model.feature_keys)  # fmt: skip
             ds = CachedFeatureDataset(feats, ds.targets)
-        if split == "train" and splits.train_true is not None:
-            ds = TrueTargetDataset(ds, torch.as_tensor(splits.train_true.targets, dtype=torch.float32))
         out[split] = ds
     return out
 
 
-class TrueTargetDataset(Dataset):
-    """Adds ``"true_target": (C,)``, the hidden unmasked labels, to every item of ``base`` (partial-label runs).
-
-    Only for logging how many pseudo-labels are right; nothing trains on it.
-    """
-
-    def __init__(self, base: Dataset, true_targets: torch.Tensor) -> None:
-        if len(base) != true_targets.shape[0]:
-            raise ValueError(f"{len(base)} items but {true_targets.shape[0]} true label rows")
-        self.base, self.true_targets = base, true_targets
-        self.targets = getattr(base, "targets", None)
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.base[index] | {"true_target": self.true_targets[index]}
-
-
-# ------------------------------------------------------------------------------------------ captions
-class CaptionDataset(Dataset):
-    """Adds ``"caption_tokens": (L,)`` to every item of ``base`` (LMPT's class-specific embedding loss)."""
-
-    def __init__(self, base: Dataset, tokens: torch.Tensor) -> None:
-        if tokens.shape[0] != len(base):
-            raise ValueError(f"{tokens.shape[0]} captions for {len(base)} images")
-        self.base, self.tokens = base, tokens
-        self.targets = base.targets  # (N, C), what the samplers read
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.base[index] | {"caption_tokens": self.tokens[index]}
-
-
-def read_captions(path: str | Path, ids: list[str]) -> list[str]:
-    """Captions (``id<TAB>caption`` lines) for ``ids``, in that order; a missing id is an error."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: captions file not found")
-    table: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        if "\t" not in line:
-            raise ConfigError(f"{path}:{lineno}: expected 'image_id<TAB>caption'")
-        image_id, text = line.split("\t", 1)
-        table[image_id.strip()] = text.strip()
-    missing = [i for i in ids if i not in table]
-    if missing:
-        raise ConfigError(f"{path}: no caption for {len(missing)} training image(s), e.g. {missing[:3]}")
-    return [table[i] for i in ids]
+def training_extras(cfg: Config, splits: Splits, model: Method) -> dict[str, torch.Tensor]:
+    """Per-image training inputs: the method's own (``model.training_inputs``) and, for a partial-label run, the
+    hidden unmasked labels ``true_target`` (only counted, e.g. TRM-ML's right pseudo-labels)."""
+    extras = dict(model.training_inputs(cfg, splits.train.ids))
+    if splits.train_true is not None:
+        extras["true_target"] = torch.as_tensor(splits.train_true.targets, dtype=torch.float32)
+    return extras
 
 
 # -------------------------------------------------------------------------------------------- runs
@@ -239,20 +140,13 @@ def build_model_for(cfg: Config, classnames: list[str]) -> torch.nn.Module:
     return build_model(cfg.model, classnames)
 
 
-def _clip_identity(model: torch.nn.Module) -> dict:
-    clip = getattr(model, "clip", None)
-    if clip is None:
-        return {}
-    return {"arch": clip.arch, "source": clip.source, "digest": weights_digest(clip)}
-
-
-def check_clip_identity(run_dir: Path, model: torch.nn.Module) -> None:
-    """The frozen CLIP weights must be those the run was trained with (they are not in the checkpoint)."""
+def check_clip_identity(run_dir: Path, model: Method) -> None:
+    """The frozen weights (CLIP and the method's other frozen parts) must be those the run was trained with."""
     path = run_dir / "clip.json"
     if not path.is_file():
         return
-    saved, now = read_json(path, ckpt.CheckpointError, "CLIP identity file"), _clip_identity(model)
-    if saved.get("digest") != now.get("digest"):
+    saved, now = read_json(path, ckpt.CheckpointError, "CLIP identity file"), model.identity()
+    if not isinstance(saved, dict) or saved.get("digest") != now["digest"]:
         raise ckpt.CheckpointError(
             f"{path}: the frozen CLIP weights differ from those this run was trained with "
             f"(trained on {saved.get('source') or saved.get('arch')}, now {now.get('source') or now.get('arch')})"
@@ -262,7 +156,8 @@ def check_clip_identity(run_dir: Path, model: torch.nn.Module) -> None:
 def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train and test ``cfg`` into ``run_dir`` (``cimlic train``); returns the test metrics (eval.json).
 
-    ``model.name: hpdval`` runs HP-DVAL's two stages into ``run_dir/stage1`` and ``run_dir/stage2``.
+    A method trained in stages (``MethodSpec.stages``, e.g. ``model.name: hpdval``) runs each stage into its own
+    sub-folder of ``run_dir``.
     """
     from cimlic.distributed import init_distributed, resolve_device
     from cimlic.engine import Trainer
@@ -270,52 +165,51 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
 
     run_dir = Path(run_dir)
     rank, _ = init_distributed()
-    if cfg.model.name == "hpdval":
-        return _train_two_stage(cfg, run_dir, resume, rank)
+    spec = METHODS.get(cfg.model.name)
+    if spec is not None and spec.stages is not None:
+        return _train_stages(cfg, spec.stages(cfg, run_dir), run_dir, resume, rank)
     splits = load_splits(cfg)
     model = build_model_for(cfg, splits.classnames)
+    extras = training_extras(cfg, splits, model)  # before the cache is filled: a bad extra file fails first
     device = str(resolve_device(cfg.train.device))
     data = build_datasets(cfg, splits, model, device)
-    if cfg.data.captions:
-        tokens = model.clip.tokenize(read_captions(cfg.data.captions, splits.train.ids))
-        data["train"] = CaptionDataset(data["train"], tokens)
-    elif cfg.loss.name == "lmpt":
-        raise ConfigError("loss.name=lmpt needs data.captions (an id<TAB>caption file for the training images)")
+    if extras:
+        data["train"] = ExtraInputsDataset(data["train"], extras)
     class_counts = torch.as_tensor(splits.train.class_counts())  # n_c of the images trained on (after the carve)
     loss_fn = build_loss(cfg.loss, class_counts, len(splits.train))
     trainer = Trainer(cfg, model, loss_fn, data["train"], data["val"], data["test"], splits.classnames,
                       splits.group_counts, run_dir)  # fmt: skip
     result = trainer.fit(resume=resume)
     if rank == 0:
-        write_json(run_dir / "clip.json", _clip_identity(model))
+        write_json(run_dir / "clip.json", model.identity())
     return result
 
 
-def _train_two_stage(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dict:
-    """HP-DVAL: stage 1 (DVAL) into ``run_dir/stage1``, then stage 2 (HPT) on its frozen student into ``stage2``."""
+def _train_stages(cfg: Config, stages: list[tuple[str, Config]], run_dir: Path, resume: bool, rank: int) -> dict:
+    """Each (sub-folder, config) in order; a finished stage before the last is kept when resuming."""
     if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
         raise RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
-    stage1 = copy.deepcopy(cfg)
-    stage1.model.name, stage1.name = "hpdval_stage1", f"{cfg.name}/stage1"
-    if resume and (run_dir / "stage1" / "eval.json").is_file():
-        logger.info("stage 1 already finished in %s", run_dir / "stage1")
-    else:
-        train_run(stage1, run_dir / "stage1", resume=resume and (run_dir / "stage1").is_dir())
-    stage2 = copy.deepcopy(cfg)
-    stage2.model.name, stage2.name = "hpdval_stage2", f"{cfg.name}/stage2"
-    stage2.model.hpdval.stage1_run = str((run_dir / "stage1").resolve())
-    stage2.train.epochs, stage2.train.lr = cfg.model.hpdval.stage2_epochs, cfg.model.hpdval.stage2_lr
-    result = train_run(stage2, run_dir / "stage2", resume=resume and (run_dir / "stage2").is_dir())
+    result: dict = {}
+    for i, (name, stage_cfg) in enumerate(stages):
+        stage_dir = run_dir / name
+        if resume and i < len(stages) - 1 and (stage_dir / "eval.json").is_file():
+            logger.info("%s already finished in %s", name, stage_dir)
+            continue
+        result = train_run(stage_cfg, stage_dir, resume=resume and stage_dir.is_dir())
     if rank == 0:
         save_config(cfg, run_dir / "config.yaml")
-        write_json(run_dir / "eval.json", result | {"stages": ["stage1", "stage2"]})
+        write_json(run_dir / "eval.json", result | {"stages": [name for name, _ in stages]})
     return result
 
 
 def _resolve_run(run_dir: Path) -> Path:
-    """A two-stage HP-DVAL run folder stands for its stage-2 run."""
-    if not (run_dir / "best.json").is_file() and (run_dir / "stage2" / "best.json").is_file():
-        return run_dir / "stage2"
+    """A run folder of a method trained in stages stands for its last stage."""
+    if (run_dir / "best.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return run_dir
+    cfg = load_config(run_dir / "config.yaml", apply_preset=False)
+    spec = METHODS.get(cfg.model.name)
+    if spec is not None and spec.stages is not None:
+        return run_dir / spec.stages(cfg, run_dir)[-1][0]
     return run_dir
 
 

@@ -90,3 +90,24 @@ class MultiLabelDataset(Dataset):
     def missing_images(self) -> list[Path]:
         """Paths of the images that do not exist (checked up front so a run fails before training)."""
         return [p for p in map(self.image_path, range(len(self))) if not p.is_file()]
+
+
+class ExtraInputsDataset(Dataset):
+    """Adds per-item tensors to every item of ``base``: ``item | {key: extras[key][index]}``.
+
+    For training inputs beyond images and labels, e.g. LMPT's ``"caption_tokens"`` (N, L) or the hidden unmasked
+    labels ``"true_target"`` (N, C) of a partial-label run (for counting pseudo-labels only; nothing trains on them).
+    """
+
+    def __init__(self, base: Dataset, extras: dict[str, torch.Tensor]) -> None:
+        for key, value in extras.items():
+            if value.shape[0] != len(base):
+                raise ValueError(f"extra input {key!r} has {value.shape[0]} rows for {len(base)} items")
+        self.base, self.extras = base, dict(extras)
+        self.targets = getattr(base, "targets", None)  # (N, C), what the samplers read
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.base[index] | {key: value[index] for key, value in self.extras.items()}

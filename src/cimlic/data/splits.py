@@ -204,3 +204,32 @@ def partial_labels(targets: np.ndarray, known: float, seed: int) -> np.ndarray:
     targets = np.asarray(targets, dtype=np.int8)
     keep = np.random.default_rng(seed).random(targets.shape) < known  # (N, C)
     return np.where(keep, targets, np.int8(-1)).astype(np.int8)
+
+
+def carve_validation(labels: LabelSet, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Hold out about ``fraction`` of the training images for model selection. **[our design]**
+
+    Images are visited in a seeded random order and moved to validation while the validation set is
+    smaller than ``fraction``·N and every positive class of the image keeps at most max(1, ⌊fraction·n_c⌋)
+    validation images and at least one training image; so tail classes with a handful of images keep
+    almost all of them for training.
+
+    Returns:
+        (training rows, validation rows), each in ascending order.
+    """
+    counts = labels.class_counts()
+    cap = np.maximum(1, np.floor(fraction * counts)).astype(np.int64)
+    taken = np.zeros_like(counts)
+    target = round(fraction * len(labels))
+    order = list(range(len(labels)))
+    random.Random(seed).shuffle(order)
+    val: list[int] = []
+    for i in order:
+        if len(val) >= target:
+            break
+        pos = labels.targets[i] == 1
+        if (taken[pos] < cap[pos]).all() and (counts[pos] - taken[pos] > 1).all():
+            val.append(i)
+            taken[pos] += 1
+    chosen = set(val)
+    return [i for i in range(len(labels)) if i not in chosen], sorted(val)

@@ -1,114 +1,69 @@
-"""Models: ``build_model(cfg, classnames)`` and ``list_models()``, backed by the plain dict ``_BUILDERS``.
+"""Methods: the method table ``METHODS``, ``build_model(cfg, classnames)`` and ``list_models()``.
 
-Every model takes its frozen CLIP (attribute ``clip``) from ``cimlic.models.clip.load_clip`` and follows the model
-contract of ``cimlic.models.heads`` (``forward(batch) -> {"logits": (B, C), ...}``).
+A method is one file in this package (its config section, its model, its builder) and one line below; its model
+follows the contract of :mod:`cimlic.models.base`. Adding one is described in docs/adding-a-method.md.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from cimlic.config import ModelConfig
 from cimlic.errors import ConfigError
+from cimlic.models import coop, cprfl, dualcoop, hpdval, linear_probe, lmpt, trmml, zeroshot
+from cimlic.models.base import FrozenClipMethod, Method, MethodSpec
 from cimlic.models.clip import ClipError, ClipModel, load_clip
-from cimlic.models.cprfl import build_cprfl
-from cimlic.models.heads import FrozenClipModel, LinearProbe, ZeroShotCLIP, class_text_features
-from cimlic.models.hpdval import HPDVAL
-from cimlic.models.prompts import LMPT, CoOp, DualCoOp, PromptLearner
-from cimlic.models.trmml import build_trmml
+
+if TYPE_CHECKING:
+    from cimlic.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ClipError",
-    "ClipModel",
-    "CoOp",
-    "DualCoOp",
-    "FrozenClipModel",
-    "HPDVAL",
-    "LMPT",
-    "LinearProbe",
-    "PromptLearner",
-    "ZeroShotCLIP",
-    "build_model",
-    "list_models",
-    "load_clip",
-]
+__all__ = ["METHODS", "ClipError", "ClipModel", "FrozenClipMethod", "Method", "MethodSpec", "build_model",
+           "config_sections", "list_models", "load_clip"]  # fmt: skip
 
-
-def _zeroshot(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return ZeroShotCLIP(clip, classnames, cfg.templates)
-
-
-def _linear_probe(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    probe = LinearProbe(clip, len(classnames), normalize=cfg.probe_normalize, dropout=cfg.dropout)
-    if cfg.probe_init == "zeroshot":
-        probe.init_from_text(class_text_features(clip, classnames, cfg.templates))
-    return probe
-
-
-def _coop(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return CoOp(clip, classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc)
-
-
-def _dualcoop(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return DualCoOp(
-        clip, classnames, cfg.n_ctx, cfg.n_ctx_neg, cfg.ctx_init, cfg.csc, cfg.tau_s, cfg.tau, cfg.learn_temps,
-        released_logit=cfg.dualcoop_logit == "released", mean_token=cfg.dense_mean_token,
-    )  # fmt: skip
-
-
-def _lmpt(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    if not cfg.csc:
-        logger.info("LMPT uses class-specific prompts (model.csc=false is ignored)")
-    return LMPT(clip, classnames, cfg.n_ctx, cfg.ctx_init)
-
-
-def _hpdval_stage1(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return HPDVAL(clip, classnames, "stage1", cfg.hpdval, cfg.templates)
-
-
-def _hpdval_stage2(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return HPDVAL(clip, classnames, "stage2", cfg.hpdval, cfg.templates)
-
-
-def _hpdval_joint(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> nn.Module:
-    return HPDVAL(clip, classnames, "joint", cfg.hpdval, cfg.templates)
-
-
-_BUILDERS: dict[str, Callable[[ModelConfig, list[str], ClipModel], nn.Module]] = {
-    "zeroshot": _zeroshot,
-    "linear_probe": _linear_probe,
-    "coop": _coop,
-    "dualcoop": _dualcoop,
-    "lmpt": _lmpt,
-    "hpdval_stage1": _hpdval_stage1,
-    "hpdval_stage2": _hpdval_stage2,
-    "hpdval_joint": _hpdval_joint,
-    "cprfl": build_cprfl,
-    "trmml": build_trmml,
+# model.name -> its MethodSpec (one line per method)
+METHODS: dict[str, MethodSpec] = {
+    "zeroshot": zeroshot.SPEC,
+    "linear_probe": linear_probe.SPEC,
+    "coop": coop.SPEC,
+    "dualcoop": dualcoop.SPEC,
+    "lmpt": lmpt.SPEC,
+    **hpdval.SPECS,  # hpdval_stage1, hpdval_stage2, hpdval_joint, and hpdval (both stages in one run)
+    "cprfl": cprfl.SPEC,
+    "trmml": trmml.SPEC,
 }
 
 
 def list_models() -> list[str]:
-    """Names ``build_model`` accepts (``model.name``)."""
-    return list(_BUILDERS)
+    """Names ``model.name`` accepts."""
+    return list(METHODS)
 
 
-def build_model(cfg: ModelConfig, classnames: Sequence[str]) -> nn.Module:
+def config_sections() -> dict[str, type]:
+    """The ``model.<key>`` sections the methods declare (a section shared by several methods appears once)."""
+    sections: dict[str, type] = {}
+    for name, spec in METHODS.items():
+        for key, section in spec.sections.items():
+            if sections.setdefault(key, section) is not section:
+                raise TypeError(f"model.{key}: method {name!r} declares another section type than an earlier method")
+    return sections
+
+
+def build_model(cfg: ModelConfig, classnames: Sequence[str]) -> Method:
     """Build the model ``cfg.name`` for these classes on the CLIP that ``cfg`` names.
 
     Raises:
-        ValueError: unknown model name (with the valid list), no class names, or a CLIP problem (ClipError).
+        ConfigError: unknown model name (with the valid list), a method trained in stages, no class names.
+        ClipError: the CLIP weights cannot be loaded.
     """
-    if cfg.name == "hpdval":
-        raise ConfigError("model 'hpdval' is both HP-DVAL stages in one run: use `cimlic train` (runner.train_run), "
-                         "or build 'hpdval_stage1' / 'hpdval_stage2' directly")  # fmt: skip
-    if cfg.name not in _BUILDERS:
-        raise ConfigError(f"unknown model {cfg.name!r}; valid: {list_models()} (and 'hpdval' for both stages)")
+    spec = METHODS.get(cfg.name)
+    if spec is None:
+        raise ConfigError(f"unknown model {cfg.name!r}; valid: {list_models()}")
+    if spec.build is None:
+        raise ConfigError(f"model {cfg.name!r} is trained in stages ({spec.summary}): use `cimlic train` "
+                          "(runner.train_run), or build one of its stages")  # fmt: skip
     classnames = [str(c) for c in classnames]
     if not classnames:
         raise ConfigError(f"model {cfg.name!r}: no class names given")
@@ -119,7 +74,7 @@ def build_model(cfg: ModelConfig, classnames: Sequence[str]) -> nn.Module:
         cfg.random_init,
         allow_torchscript=cfg.clip_allow_torchscript,
     )
-    model = _BUILDERS[cfg.name](cfg, classnames, clip)
+    model = spec.build(cfg, classnames, clip)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "model %s on CLIP %s: %d classes, %d trainable parameters", cfg.name, clip.arch, len(classnames), n_train

@@ -20,9 +20,9 @@ released loss (see ``cimlic.presets``).
 **[our design]**: the pluggable backbone (``cimlic.models.backbones``); ``vsi_path`` / ``dot_path`` detach P where
 it enters the VSI layer / the dot product (the dual-path ablation); the GE/FD diversity module (METHODS §5.6) on P'
 before the classifier; with ``train_text`` the trainable text tower is a copy held outside ``clip`` (the run's CLIP
-stays frozen, so its identity check and the checkpoint rule hold); ``freeze_backbone`` moves the backbone under
-``clip`` (frozen, eval mode, not checkpointed) and lets the runner cache its tokens; the VSI layer computes the
-queries of the C prompt tokens only (the visual-token outputs are discarded, so this changes nothing).
+stays frozen, so its identity check and the checkpoint rule hold); ``freeze_backbone`` makes the backbone a frozen
+part (eval mode, not checkpointed, part of the run's identity) and lets the runner cache its tokens; the VSI layer
+computes the queries of the C prompt tokens only (the visual-token outputs are discarded, so this changes nothing).
 """
 
 from __future__ import annotations
@@ -30,18 +30,45 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cimlic.config import CPRFLConfig, DiversityConfig, ModelConfig
 from cimlic.errors import ConfigError
 from cimlic.models.backbones import build_backbone
+from cimlic.models.base import Method, MethodSpec
 from cimlic.models.clip import ClipModel
-from cimlic.models.heads import build_diversity, prompt_classname
+from cimlic.models.diversity import DiversityConfig, build_diversity
+from cimlic.models.text import prompt_classname
+
+if TYPE_CHECKING:
+    from cimlic.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CPRFLConfig:
+    backbone: str = "clip"  # "clip" (trainable copy of CLIP's image trunk) or a torchvision/timm name (resnet101, ...)
+    backbone_weights: str = ""  # torchvision/timm: local ImageNet weights file, "imagenet" (online only), "" = random
+    image_size: int = 0  # square input size of the backbone; 0 = CLIP's for backbone=clip, else 448 (the paper)
+    freeze_backbone: bool = False  # keep the visual backbone frozen (only phi, PI, VSI train)
+    dim: int = 0  # width d of the visual tokens F and the prompts P (0 = the backbone's feature width)
+    pi_hidden: int = 0  # hidden width of the PI MLP (0 = d / 2, the paper)
+    heads: int = 8  # attention heads of the VSI layer (must divide d)
+    head_dim: int = 0  # width of each VSI attention head (0 = d / heads, then heads must divide d; authors' code: 512)
+    ffn: int = 2048  # feed-forward width of the VSI layer
+    vsi_residual: bool = False  # residual connections in the VSI layer (the authors' code has none)
+    vsi_layout: Literal["released", "standard"] = "released"  # released: bias-free q/k/v, dropout on the layer output;
+    # standard: q/k/v with biases and dropout on the attention weights as well (nn.MultiheadAttention's layout)
+    vsi_dropout: float = 0.1  # dropout inside the VSI layer
+    prompt_template: str = "a photo of a {}."  # text of the PI input W (CLIP text embeddings, computed once)
+    train_text: bool = False  # trainable CLIP text tower (released code) instead of frozen (paper)
+    vsi_path: bool = True  # gradient reaches P through the VSI layer (False = P detached at the VSI input)
+    dot_path: bool = True  # gradient reaches P through the final dot product (False = P detached there)
 
 
 class VSILayer(nn.Module):
@@ -113,20 +140,19 @@ def trainable_text_copy(clip: ClipModel) -> ClipModel:
     return text
 
 
-class CPRFL(nn.Module):
+class CPRFL(Method):
     """CPRFL: backbone -> phi, PI prompts, one VSI layer, (diversity), logit_c = p'_c . p_c.
 
     Attributes:
         clip: the frozen CLIP (text embeddings W; its image tower is only a source for ``backbone=clip``).
-        backbone: a :class:`cimlic.models.backbones.Backbone`; trainable, or frozen and registered as
-            ``clip.cprfl_backbone`` (``backbone`` is then an alias) when ``freeze_backbone``.
+        backbone: a :class:`cimlic.models.backbones.Backbone`; trainable, or a frozen part (``freeze_backbone``).
         text_encoder: trainable text-tower copy (``train_text``) or None (W is the buffer ``text_embeddings``).
         phi, pi, vsi, diversity: the trainable head.
     Forward: ``{"logits": (B, C)}`` from ``batch["image"]`` (B, 3, H, W), or cached ``"feat_local"`` (B, v, d0)
     when the backbone is frozen.
     """
 
-    needs_local_features = True
+    feature_keys = ("global", "local")
 
     def __init__(
         self,
@@ -135,7 +161,7 @@ class CPRFL(nn.Module):
         cfg: CPRFLConfig | None = None,
         diversity: DiversityConfig | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(len(classnames))
         cfg = cfg or CPRFLConfig()
         if "{}" not in cfg.prompt_template:
             raise ConfigError(
@@ -143,7 +169,8 @@ class CPRFL(nn.Module):
             )
         if min(cfg.dim, cfg.pi_hidden, cfg.head_dim, cfg.image_size) < 0 or cfg.ffn < 1:
             raise ConfigError("cprfl.dim, pi_hidden, head_dim and image_size must be >= 0, ffn >= 1")
-        self.clip, self.num_classes = clip, len(classnames)
+        self.freeze("clip", clip, clip.source)
+        self.frozen_backbone = cfg.freeze_backbone
         self.vsi_path, self.dot_path = cfg.vsi_path, cfg.dot_path
         backbone = build_backbone(cfg.backbone, cfg.backbone_weights, clip, cfg.image_size).to(clip.device)
         d0 = backbone.width
@@ -161,11 +188,8 @@ class CPRFL(nn.Module):
         self.pi = nn.Sequential(nn.Linear(clip.embed_dim, hidden), nn.GELU(), nn.Linear(hidden, d))
         self.vsi = VSILayer(d, cfg.heads, cfg.head_dim, cfg.ffn, cfg.vsi_dropout, cfg.vsi_residual, cfg.vsi_layout)
         self.diversity = build_diversity(diversity or DiversityConfig(), d)
-        self.uses_frozen_image_tower = cfg.freeze_backbone  # frozen: the runner may cache the backbone's tokens
-        if cfg.freeze_backbone:
-            # like every frozen tower: under ``clip.`` (eval mode, never checkpointed, part of clip.json's digest)
-            clip.add_module("cprfl_backbone", backbone.requires_grad_(False).eval())
-            self.__dict__["backbone"] = backbone  # an alias, not a second registration
+        if cfg.freeze_backbone:  # a frozen part: eval mode, never checkpointed, its tokens may be cached
+            self.freeze("backbone", backbone, f"{cfg.backbone} ({cfg.backbone_weights or 'random'})")
         else:
             self.backbone = backbone
         logger.info("CPRFL: backbone %s (%d-d tokens) -> d = %d, PI %d -> %d -> %d, VSI %d x %d heads, %s text",
@@ -173,15 +197,14 @@ class CPRFL(nn.Module):
                     "trainable" if cfg.train_text else "frozen")  # fmt: skip
 
     # ------------------------------------------------------------------------------------ hooks
-    @property
     def input_spec(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
         """(size, mean, std) of the images the backbone expects (the runner's transform)."""
         return self.backbone.input_spec
 
     @property
-    def image_tower(self) -> nn.Module:
-        """The module whose weights key the feature cache (only used when the backbone is frozen)."""
-        return self.backbone
+    def feature_tower(self) -> nn.Module | None:
+        """The frozen backbone (its tokens are cached); None when the backbone trains."""
+        return self.backbone if self.frozen_backbone else None
 
     @torch.no_grad()
     def image_features(self, images: Tensor) -> dict[str, Tensor]:
@@ -202,7 +225,7 @@ class CPRFL(nn.Module):
 
     def visual_tokens(self, batch: Mapping[str, Tensor]) -> Tensor:
         """F (B, v, d) = phi(backbone tokens), from the images or from cached ``feat_local`` (frozen backbone)."""
-        frozen = self.uses_frozen_image_tower
+        frozen = self.frozen_backbone
         device = self.phi.weight.device
         if "feat_local" in batch and (frozen or not self.training):
             tokens = batch["feat_local"].to(device, self.phi.weight.dtype)  # (B, v, d0)
@@ -231,6 +254,10 @@ class CPRFL(nn.Module):
         return {"logits": self.parts(batch)["logits"]}
 
 
-def build_cprfl(cfg: ModelConfig, classnames: Sequence[str], clip: ClipModel) -> CPRFL:
+def build(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> CPRFL:
     """CPRFL from ``cfg.cprfl`` (and ``cfg.diversity``) for these classes on ``clip``."""
     return CPRFL(clip, classnames, cfg.cprfl, cfg.diversity)
+
+
+SPEC = MethodSpec(build, {"cprfl": CPRFLConfig, "diversity": DiversityConfig},
+                  summary="CPRFL: category prompts refined against a pluggable visual backbone")  # fmt: skip

@@ -34,7 +34,9 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +44,42 @@ from torch import Tensor, nn
 
 from cimlic.cache import weights_digest
 from cimlic.checkpoint import CheckpointError, read_checkpoint
-from cimlic.config import HPDVALConfig
 from cimlic.errors import ConfigError
 from cimlic.io import read_json, state_dict_mismatch
+from cimlic.models.base import Method, MethodSpec
 from cimlic.models.clip import ClipModel, dense_image_features
-from cimlic.models.heads import prompt_classname
 from cimlic.models.prompts import PromptLearner, encode_prompts
+from cimlic.models.text import hand_text_features
+
+if TYPE_CHECKING:
+    from cimlic.config import Config, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class HPDVALConfig:
+    alpha: float = 0.4  # fusion weight of the global view (fusion=released: of the local view)
+    topk: int = 32  # local view: mean of the k best token scores per class (clamped to the token count)
+    fusion: Literal["paper", "released"] = "paper"  # released: L2-normalise each view's scores over classes first
+    cosine: bool = True  # score cosine similarities (paper); false = raw dot products of the features (released)
+    logit_scale: float = 0.0  # multiplier of the fused scores; 0 = CLIP's logit scale, 1 = none (released)
+    student_init: Literal["clip", "random"] = "clip"  # stage-1 student: CLIP's image tower (released) or random
+    embed_head: Literal["linear", "mlp"] = "linear"  # student to text space: CLIP's proj, or proj + residual MLP
+    kd_weight: float = 1.0  # weight of L_kd = mean |f_CLIP(x) - f_cls(x)| (||.||_1 / D; stage 1, joint)
+    stage1_run: str = ""  # stage 2: stage-1 run folder whose best student is loaded and frozen
+    load_stage1: bool = True  # stage 2 starts from the stage-1 student; false = from the un-trained one (released)
+    n_ctx: int = 4  # stage 2 / joint: context vectors M of the global and of the local prompts
+    prompt_init: Literal["random", "words"] = "random"  # contexts from N(0, 0.02) (paper) or "a photo of a" (released)
+    share_contexts: bool = False  # global and local contexts as two parameters over ONE tensor (released, see docs)
+    learn_global: bool = True  # learnable global prompts (False: the global view uses the hand-crafted P^H)
+    learn_local: bool = True  # learnable local prompts (False: the local view uses the hand-crafted P^H)
+    use_sc: bool = True  # add the semantic-consistency loss L_sc (stage 2, joint)
+    sc_on: Literal["global", "local"] = "global"  # prompts L_sc ties to P^H: global (paper) or local (released)
+    sc_weight: float = 1.0  # weight of L_sc = mean |P^H - P^G| (or P^L; ||.||_1 / D)
+    stage2_epochs: int = 10  # model.name=hpdval (both stages in one run): epochs of stage 2 (stage 1: train.epochs)
+    stage2_lr: float = 5e-6  # model.name=hpdval: peak learning rate of stage 2 (stage 1: train.lr)
+
 
 STAGES = ("stage1", "stage2", "joint")
 STUDENT_RUNS = ("hpdval_stage1", "hpdval_joint")  # run kinds whose student stage 2 can start from
@@ -102,18 +132,6 @@ def dual_view_scores(
 def l1_distance(a: Tensor, b: Tensor) -> Tensor:
     """Mean absolute difference of (n, D) and (n, D) (= mean_i ||a_i - b_i||_1 / D), in float32."""
     return (a.float() - b.float()).abs().mean()
-
-
-@torch.no_grad()
-def hand_text_features(clip: ClipModel, classnames: Sequence[str], templates: Sequence[str]) -> Tensor:
-    """P^H (C, D): unnormalised text features of the hand-crafted prompts (mean over templates)."""
-    if not templates or any("{}" not in t for t in templates):
-        raise ConfigError(
-            f"HP-DVAL needs prompt templates with a '{{}}' slot, e.g. 'a photo of a {{}}.' (got {templates})"
-        )
-    names = [prompt_classname(n) for n in classnames]
-    feats = [clip.encode_text(clip.tokenize([t.format(n) for n in names])).float() for t in templates]
-    return torch.stack(feats).mean(dim=0)
 
 
 # --------------------------------------------------------------------------------------- the student
@@ -206,19 +224,19 @@ def load_stage1_student(student: StudentEncoder, run_dir: str | Path, clip: Clip
 
 
 # ------------------------------------------------------------------------------------------ the model
-class HPDVAL(nn.Module):
+class HPDVAL(Method):
     """HP-DVAL in one of its modes: ``stage1`` (DVAL), ``stage2`` (HPT on the frozen stage-1 student), ``joint``.
 
     Attributes:
         clip: the frozen CLIP (text tower for all prompts; its image tower is the L_kd teacher).
-        student: :class:`StudentEncoder`, trainable in stage1/joint; in stage2 frozen and registered as
-            ``clip.student`` (``student`` is then an alias), like every frozen tower.
+        student: :class:`StudentEncoder`, trainable in stage1/joint; a frozen part in stage2 (its features are then
+            cached, and its weights are part of the run's identity, so a changed stage-1 run is detected).
         prompt_global / prompt_local: :class:`PromptLearner` (stage2/joint, when learned) or None (P^H used).
         hand_text: P^H (C, D), a non-persistent buffer.
     Forward: ``{"logits": (B, C), "aux_losses": {"kd"?, "sc"?}}`` (aux losses in training mode only).
     """
 
-    needs_local_features = True
+    feature_keys = ("global", "local")
 
     def __init__(
         self,
@@ -228,29 +246,27 @@ class HPDVAL(nn.Module):
         cfg: HPDVALConfig | None = None,
         templates: Sequence[str] = ("a photo of a {}.",),
     ) -> None:
-        super().__init__()
+        super().__init__(len(classnames))
         cfg = cfg or HPDVALConfig()
         _check_config(cfg, stage)
-        self.clip, self.stage, self.num_classes = clip, stage, len(classnames)
+        self.freeze("clip", clip, clip.source)
+        self.stage = stage
         self.alpha, self.topk, self.fusion, self.sc_on = cfg.alpha, cfg.topk, cfg.fusion, cfg.sc_on
         self.cosine = cfg.cosine
         self.scale = float(cfg.logit_scale) if cfg.logit_scale > 0 else clip.logit_scale
-        self.uses_frozen_image_tower = stage == "stage2"  # frozen student: its features go to the feature cache
         visual = copy.deepcopy(clip.model.visual).requires_grad_(True)  # own weights, never CLIP's (the teacher)
         student = StudentEncoder(visual, clip.embed_dim, cfg.embed_head, cfg.student_init).to(clip.device)
         if stage == "stage2":
             if cfg.load_stage1 and cfg.stage1_run:
                 load_stage1_student(student, cfg.stage1_run, clip)
-                clip.source = f"{clip.source} + student {Path(cfg.stage1_run) / 'best'}"  # what clip.json records
+                source = str(Path(cfg.stage1_run) / "best")
             else:
                 why = "hpdval.load_stage1=false" if not cfg.load_stage1 else "no hpdval.stage1_run"
                 logger.warning("%s: prompts are tuned on the un-trained student (student_init=%s), as the released "
                                "stage 2 does; stage-1 weights (%s) are not used", why, cfg.student_init,
                                cfg.stage1_run or "none given")  # fmt: skip
-            # frozen parts live under ``clip.``: never checkpointed, always in eval mode, and part of the run's
-            # CLIP identity (clip.json), so a changed stage-1 run is detected when the stage-2 run is reloaded
-            clip.add_module("student", student.requires_grad_(False).eval())
-            self.__dict__["student"] = student  # an alias, not a second registration
+                source = f"un-trained student (student_init={cfg.student_init})"
+            self.freeze("student", student, source)
         else:
             self.student = student
             if cfg.stage1_run:
@@ -273,9 +289,9 @@ class HPDVAL(nn.Module):
         return self.stage != "stage2"
 
     @property
-    def image_tower(self) -> nn.Module:
-        """The module whose weights key the feature cache (the student; only stage 2 caches)."""
-        return self.student
+    def feature_tower(self) -> nn.Module | None:
+        """The frozen stage-2 student (its features are cached); stage 1 and joint train it: nothing to cache."""
+        return None if self.student_trainable else self.student
 
     # ------------------------------------------------------------------------------------ features
     @torch.no_grad()
@@ -360,3 +376,35 @@ def _check_config(cfg: HPDVALConfig, stage: str) -> None:
         raise ConfigError(f"hpdval.topk and hpdval.n_ctx must be >= 1 (got {cfg.topk}, {cfg.n_ctx})")
     if min(cfg.kd_weight, cfg.sc_weight, cfg.logit_scale) < 0:
         raise ConfigError("hpdval.kd_weight, sc_weight and logit_scale must be >= 0")
+
+
+# ------------------------------------------------------------------------------------ registration
+def _builder(stage: str):
+    def build(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> HPDVAL:
+        return HPDVAL(clip, classnames, stage, cfg.hpdval, cfg.templates)
+
+    return build
+
+
+def two_stages(cfg: Config, run_dir: Path) -> list[tuple[str, Config]]:
+    """``model.name: hpdval``: stage 1 into ``run_dir/stage1``, then stage 2 on its frozen student into ``stage2``.
+
+    Stage 2 runs ``hpdval.stage2_epochs`` epochs at peak learning rate ``hpdval.stage2_lr``; everything else is
+    the config of the whole run.
+    """
+    stage1 = copy.deepcopy(cfg)
+    stage1.model.name, stage1.name = "hpdval_stage1", f"{cfg.name}/stage1"
+    stage2 = copy.deepcopy(cfg)
+    stage2.model.name, stage2.name = "hpdval_stage2", f"{cfg.name}/stage2"
+    stage2.model.hpdval.stage1_run = str((Path(run_dir) / "stage1").resolve())
+    stage2.train.epochs, stage2.train.lr = cfg.model.hpdval.stage2_epochs, cfg.model.hpdval.stage2_lr
+    return [("stage1", stage1), ("stage2", stage2)]
+
+
+SECTIONS = {"hpdval": HPDVALConfig}
+SPECS = {
+    "hpdval_stage1": MethodSpec(_builder("stage1"), SECTIONS, summary="HP-DVAL stage 1 (DVAL): the student"),
+    "hpdval_stage2": MethodSpec(_builder("stage2"), SECTIONS, summary="HP-DVAL stage 2 (HPT): hierarchical prompts"),
+    "hpdval_joint": MethodSpec(_builder("joint"), SECTIONS, summary="HP-DVAL, student and prompts trained jointly"),
+    "hpdval": MethodSpec(None, SECTIONS, stages=two_stages, summary="HP-DVAL, both stages in one run folder"),
+}

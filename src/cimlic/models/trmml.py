@@ -29,18 +29,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cimlic.config import DiversityConfig, ModelConfig, TRMMLConfig
 from cimlic.distributed import all_gather_cat, all_reduce_
 from cimlic.errors import ConfigError
+from cimlic.models.base import FrozenClipMethod, MethodSpec
 from cimlic.models.clip import ClipModel
-from cimlic.models.heads import FrozenClipModel, build_diversity, class_text_features
+from cimlic.models.diversity import DiversityConfig, build_diversity
+from cimlic.models.text import class_text_features
+
+if TYPE_CHECKING:
+    from cimlic.config import ModelConfig
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TRMMLConfig:
+    dim: int = 0  # width of the category queries / attention (0 = CLIP's embedding width)
+    heads: int = 4  # heads of the cross-attention block
+    mlp_ratio: float = 2.0  # hidden width of the small MLP after the cross-attention, times dim
+    dropout: float = 0.1  # dropout in the cross-attention block
+    logit_scale: float = 0.0  # s in z_c = s cos(r_c, t_c); 0 = CLIP's logit scale
+    contrastive_weight: float = 1.0  # weight of the multimodal contrastive loss
+    contrastive_temp: float = 0.07  # InfoNCE temperature
+    proto_momentum: float = 0.9  # EMA momentum of the visual prototypes
+    pseudo_labels: bool = True  # fill unknown entries with prototype pseudo-labels after the warm-up
+    warmup_epochs: int = 1  # epochs before pseudo-labelling starts
+    pos_quantile: float = 0.9  # pseudo-positive: q >= this quantile of the class's known-positive q
+    neg_quantile: float = 0.1  # pseudo-negative: q < this quantile of the class's known-positive q
 
 
 def region_text_nce(regions: Tensor, text: Tensor, targets: Tensor, temp: float) -> Tensor:
@@ -84,7 +106,7 @@ def multimodal_contrastive_loss(regions: Tensor, text: Tensor, targets: Tensor, 
     return region_text_nce(regions, text, targets, temp) + region_supcon(regions, targets, temp)
 
 
-class TRMML(FrozenClipModel):
+class TRMML(FrozenClipMethod):
     """TRM-ML on a frozen CLIP (see the module docstring for the method and the [our design] choices).
 
     In training mode with ``batch["target"]`` the output also holds ``aux_losses["contrastive"]`` (weighted) and
@@ -95,7 +117,7 @@ class TRMML(FrozenClipModel):
         templates: prompt templates of the class text features t_c.
     """
 
-    needs_local_features = True
+    feature_keys = ("global", "local")
 
     def __init__(
         self,
@@ -105,7 +127,7 @@ class TRMML(FrozenClipModel):
         diversity: DiversityConfig,
         templates: Sequence[str] = ("a photo of a {}.",),
     ) -> None:
-        super().__init__(clip)
+        super().__init__(clip, len(classnames))
         _check(cfg)
         embed, dim, n = clip.embed_dim, cfg.dim or clip.embed_dim, len(classnames)
         if dim % cfg.heads:
@@ -269,6 +291,10 @@ def _check(cfg: TRMMLConfig) -> None:
         raise ConfigError("TRM-ML: contrastive_temp and mlp_ratio must be > 0, dim and warmup_epochs >= 0")
 
 
-def build_trmml(cfg: ModelConfig, classnames: Sequence[str], clip: ClipModel) -> TRMML:
+def build(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> TRMML:
     """TRM-ML from ``model.trmml``, ``model.diversity`` and ``model.templates``."""
     return TRMML(clip, classnames, cfg.trmml, cfg.diversity, cfg.templates)
+
+
+SPEC = MethodSpec(build, {"trmml": TRMMLConfig, "diversity": DiversityConfig},
+                  summary="TRM-ML: text-region matching for missing labels")  # fmt: skip
