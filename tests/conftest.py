@@ -21,7 +21,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def glyph_data(tmp_path_factory) -> dict:
     """The ``data`` config section of a small generated glyph world (120-image pool, 24 test images), built once."""
-    from cimlic.data.glyphs import build_world
+    from glyphs import build_world
 
     world = tmp_path_factory.mktemp("glyph_world")
     build_world(world, n_pool=120, n_test=24, n_max=40, seed=0)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cimlic.cli import main
+from cimlic.apps.cli import main
 from cimlic.data.labels import read_classes, read_id_list, read_label_list
 
 

@@ -16,8 +16,8 @@ import yaml
 from safetensors.torch import save_file
 
 from cimlic import checkpoint as ckpt
+from cimlic.apps.cli import main
 from cimlic.cache import weights_digest
-from cimlic.cli import main
 from cimlic.config import ModelConfig
 from cimlic.errors import ConfigError
 from cimlic.models import build_model

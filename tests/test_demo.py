@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from cimlic.cli import main
-from cimlic.demo import METHODS, format_seed_table, seed_statistics
+from cimlic.apps.cli import main
+from cimlic.apps.demo import METHODS, format_seed_table, seed_statistics
 
 
 def test_demo_quick(tmp_path, capsys):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from cimlic import pretrain
-from cimlic.cli import main
+from cimlic.apps.cli import main
 from cimlic.config import load_config
 from cimlic.data.captions import read_captions
-from cimlic.data.digits import CLASSES, NOVEL, PARTIAL_KNOWN, DigitCorpus, digit_halves, load_digit_images
 from cimlic.data.labels import class_groups, read_classes, read_label_list
+from cimlic.digits import pretrain
+from cimlic.digits.world import CLASSES, NOVEL, PARTIAL_KNOWN, DigitCorpus, digit_halves, load_digit_images
 from cimlic.models.clip import load_clip
 
 

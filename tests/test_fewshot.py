@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from cimlic.apps.fewshot import format_fewshot, run_fewshot
 from cimlic.config import load_config
-from cimlic.data.glyphs import build_world
 from cimlic.data.labels import read_classes, read_label_list, write_label_list
 from cimlic.data.splits import build_fewshot_episode, split_base_novel
-from cimlic.fewshot import format_fewshot, run_fewshot
+from glyphs import build_world
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_fewshot_protocol(fewshot_world, tmp_path):
     assert json.loads((tmp_path / "run" / "fewshot.json").read_text()) == summary
     again = run_fewshot(cfg, tmp_path / "run", resume=True)  # finished episodes are read back, not retrained
     assert again == summary
-    from cimlic.cli import main
+    from cimlic.apps.cli import main
     from cimlic.config import save_config
 
     save_config(cfg, tmp_path / "fs.yaml")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cimlic.cli import main
+from cimlic.apps.cli import main
 from cimlic.data.dataset import ImageFileError, MultiLabelDataset, default_transform, load_image
 from cimlic.data.formats import VOC_CLASSES, read_coco, read_csv_labels, read_voc
 from cimlic.data.labels import LabelFileError, LabelSet, read_classes, read_label_list, write_label_list

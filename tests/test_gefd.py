@@ -16,7 +16,7 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from cimlic import checkpoint as ckpt
-from cimlic.cli import main
+from cimlic.apps.cli import main
 from cimlic.config import load_config
 from cimlic.data.samplers import GroupSampler, build_sampler
 from cimlic.losses import BCELoss, FocalLoss, GradBalanceLoss, build_loss

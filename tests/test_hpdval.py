@@ -12,12 +12,12 @@ import yaml
 from safetensors.torch import load_file
 
 from cimlic import checkpoint as ckpt
-from cimlic.cli import main
+from cimlic.apps.cli import main
 from cimlic.config import Config, LossConfig, ModelConfig, to_dict
-from cimlic.data.glyphs import build_world
 from cimlic.losses import build_loss
 from cimlic.models import build_model
 from cimlic.models.hpdval import HPDVAL, HPDVALConfig, dual_view_scores, fuse_views, l1_distance, topk_mean
+from glyphs import build_world
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 PROMPTS = {"prompt_global.ctx", "prompt_local.ctx"}

@@ -340,7 +340,7 @@ def test_readme_table_is_the_presets_table():
 
 def test_released_preset_trains_and_reloads_end_to_end(glyph_data, tmp_path):
     """A DualCoOp run under the released preset: the run folder holds the released values and eval reloads it."""
-    from cimlic.cli import main
+    from cimlic.apps.cli import main
 
     cfg = {"name": "rel", "data": glyph_data,
            "model": {"name": "dualcoop", "clip_arch": "cimlic-tiny-rn", "random_init": True, "n_ctx": 4,

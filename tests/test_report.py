@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cimlic import plots
-from cimlic.cli import main
-from cimlic.data.glyphs import build_world
-from cimlic.report import ReportError, load_published, read_run, write_report
+from cimlic.apps import plots
+from cimlic.apps.cli import main
+from cimlic.apps.report import ReportError, load_published, read_run, write_report
+from glyphs import build_world
 
 LOSSES = ("asl", "bce")
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.IGNORECASE)

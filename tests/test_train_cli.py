@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from cimlic.cli import main
-from cimlic.data.glyphs import build_world
+from cimlic.apps.cli import main
 from cimlic.data.labels import read_classes, read_label_list
 from cimlic.models import METHODS
+from glyphs import build_world
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def test_predict_matches_eval_logits(world, tmp_path):
     """Scores written by predict equal sigmoid of the logits the evaluator used (same transform, same weights)."""
     import torch
 
+    from cimlic.apps.runner import build_datasets, load_run, load_splits
     from cimlic.distributed import resolve_device
     from cimlic.engine import forward_all
-    from cimlic.runner import build_datasets, load_run, load_splits
 
     run = tmp_path / "run"
     assert (

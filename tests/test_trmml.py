@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 
 from cimlic import checkpoint as ckpt
-from cimlic.cli import main
+from cimlic.apps.cli import main
 from cimlic.config import ModelConfig
 from cimlic.models import build_model
 from cimlic.models.diversity import DiversityConfig, DiversityModule
@@ -355,7 +355,7 @@ def test_ddp_two_ranks_equal_one_process(tmp_path):
 # -------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from cimlic.data.glyphs import build_world
+    from glyphs import build_world
 
     root = tmp_path_factory.mktemp("trmml_world")
     build_world(root, n_pool=160, n_test=40, n_max=40, seed=0)

@@ -2,6 +2,6 @@
 
 import sys
 
-from cimlic.cli import main
+from cimlic.apps.cli import main
 
 sys.exit(main())

@@ -130,8 +130,8 @@ def _config_and_run_dir(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cimlic.apps.runner import train_run
     from cimlic.metrics import format_table
-    from cimlic.runner import train_run
 
     cfg, run_dir = _config_and_run_dir(args)
     result = train_run(cfg, run_dir, resume=args.resume)
@@ -142,8 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from cimlic.apps.runner import eval_run
     from cimlic.metrics import format_table
-    from cimlic.runner import eval_run
 
     result = eval_run(args.run, args.split, args.ap)
     print(format_table(result))
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cimlic.predict import predict_run
+    from cimlic.apps.predict import predict_run
 
     summary = predict_run(args.run, args.inputs, args.out, args.threshold, args.thresholds)
     print(f"wrote {summary['out']}: {summary['scored']} image(s) scored, {len(summary['failed'])} unreadable")
@@ -161,7 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cimlic.bench import bench_cache
+    from cimlic.apps.bench import bench_cache
     from cimlic.config import load_config
 
     result = bench_cache(load_config(args.config, args.set), max_images=args.max_images)
@@ -173,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> int:
-    from cimlic.bench import bench_train
+    from cimlic.apps.bench import bench_train
     from cimlic.config import load_config
 
     result = bench_train(load_config(args.config, args.set), max_images=args.max_images)
@@ -184,7 +184,7 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_fewshot(args: argparse.Namespace) -> int:
-    from cimlic.fewshot import format_fewshot, run_fewshot
+    from cimlic.apps.fewshot import format_fewshot, run_fewshot
 
     cfg, run_dir = _config_and_run_dir(args)
     summary = run_fewshot(cfg, run_dir, resume=args.resume)
@@ -195,7 +195,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from cimlic.report import write_report
+    from cimlic.apps.report import write_report
 
     out = write_report(args.runs, args.out, title=args.title)
     print(f"wrote {out}")
@@ -204,7 +204,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> int:
-    from cimlic.demo import run_demo, run_seeds
+    from cimlic.apps.demo import run_demo, run_seeds
 
     if args.seeds:
         run_seeds(Path(args.out), args.seeds, quick=args.quick, clip_dir=Path(args.clip_dir), clip_seed=args.clip_seed)
@@ -215,8 +215,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------- digits
 def cmd_digits(args: argparse.Namespace) -> int:
-    from cimlic.data.digits import build_digits_world
     from cimlic.data.prepare import group_table
+    from cimlic.digits.world import build_digits_world
 
     stats = build_digits_world(args.out, seed=args.seed, n_max=args.n_max)
     print(f"wrote the Digits world to {args.out}: {group_table(stats)}; val {stats['val_images']} images")
@@ -227,7 +227,7 @@ def cmd_digits(args: argparse.Namespace) -> int:
 def cmd_pretrain_digits(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from cimlic.pretrain import QUICK_RECIPE, PretrainRecipe, checkpoint_path, pretrain_digits
+    from cimlic.digits.pretrain import QUICK_RECIPE, PretrainRecipe, checkpoint_path, pretrain_digits
 
     recipe = QUICK_RECIPE if args.quick else PretrainRecipe()
     if args.steps:

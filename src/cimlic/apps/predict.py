@@ -118,8 +118,8 @@ def predict_run(
     Returns:
         {"scored": n, "failed": [{"image", "error"}...], "out": path}.
     """
+    from cimlic.apps.runner import load_run, model_transform
     from cimlic.distributed import resolve_device
-    from cimlic.runner import load_run, model_transform
 
     out = Path(out)
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(out.suffix.lower())

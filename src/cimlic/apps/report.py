@@ -3,7 +3,7 @@
 The page holds the results table (total / head / medium / tail mAP and var per run), the published VOC-LT or
 COCO-LT numbers of the HP-DVAL (TIP 2025) and CPRFL (MM 2024) papers when the runs are on those datasets, a scatter
 of per-class AP against training count, the class-frequency histogram, training-loss curves and a per-class table.
-Everything is inline (CSS and hand-written SVG from ``cimlic.plots``), so the file can be mailed or archived alone.
+Everything is inline (CSS and hand-written SVG from ``cimlic.apps.plots``), so the file can be mailed or archived alone.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import cimlic
-from cimlic import plots
+from cimlic.apps import plots
 from cimlic.errors import CimlicError
 from cimlic.io import atomic_write_files, read_json, read_yaml
 

@@ -1,9 +1,9 @@
-"""A generated "glyphs" world for tests and benchmarks: small PNG images with up to three class textures.
+"""A generated "glyphs" world for the tests: small PNG images with up to three class textures.
 
 Every class is a fixed random 6×6 colour texture; an image (32×32 PNG on disk) shows the textures of its
 classes at random places on a noisy background. The pool is drawn, a long-tailed training split is built
 with the same builder as VOC-LT (METHODS §1.2) and a balanced test set is drawn. It is fast to build and
-needs no dataset; the Digits world (``cimlic.data.digits``) is the realistic embedded benchmark.
+needs no dataset (a test fixture); the Digits world (``cimlic.digits.world``) is the realistic embedded benchmark.
 """
 
 from __future__ import annotations

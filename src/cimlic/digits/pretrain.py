@@ -2,7 +2,7 @@
 
 The model is an open_clip CLIP built from a registered JSON config (``cimlic-digits-vit``: ViT image tower, causal
 transformer text tower with the real BPE tokenizer). It is trained with CLIP's symmetric InfoNCE loss on captioned
-mosaics generated in memory from the pre-training half of the digits (:class:`cimlic.data.digits.DigitCorpus`;
+mosaics generated in memory from the pre-training half of the digits (:class:`cimlic.digits.world.DigitCorpus`;
 every batch holds distinct captions, so there are no false negatives), seeded, and saved as an open_clip
 ``.safetensors`` state dict that ``load_clip(arch, checkpoint=path)`` loads like any checkpoint, with a JSON sidecar
 (command, seed, config, recipe, loss curve, timing). The file name carries a key of (config + recipe + seed + steps):
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cimlic.data.digits import CORPUS_LABEL_COUNTS, CORPUS_STYLE, MAX_CORPUS_BATCH, DigitCorpus, caption
+from cimlic.digits.world import CORPUS_LABEL_COUNTS, CORPUS_STYLE, MAX_CORPUS_BATCH, DigitCorpus, caption
 from cimlic.errors import ConfigError
 from cimlic.io import atomic_write_text, save_safetensors
 from cimlic.models.clip import TINY_CONFIG_DIR, ClipError, ClipModel, load_clip
@@ -179,7 +179,7 @@ def pretrain_digits(
             f"pre-training needs steps >= 1 and 2 <= batch_size <= {MAX_CORPUS_BATCH} (distinct captions per batch); "
             f"got steps={recipe.steps}, batch_size={recipe.batch_size}"
         )
-    command = command or f"cimlic.pretrain.pretrain_digits({str(out_dir)!r}, seed={seed}, recipe={recipe!r})"
+    command = command or f"cimlic.digits.pretrain.pretrain_digits({str(out_dir)!r}, seed={seed}, recipe={recipe!r})"
     path = checkpoint_path(out_dir, arch, recipe, seed)
     sidecar = path.with_suffix(".json")
     if path.is_file() and sidecar.is_file() and not force:

@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cimlic.apps.runner import build_model_for, image_dataset, load_splits, model_transform
 from cimlic.cache import CachedFeatureDataset, load_or_compute
 from cimlic.config import Config, ConfigError
 from cimlic.losses import build_loss
-from cimlic.runner import build_model_for, image_dataset, load_splits, model_transform
 
 logger = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def episode_config(cfg: Config, shots: int, episode: int, run_dir: Path) -> Conf
 
 def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     """Train and test every (K, episode); write ``fewshot.json`` with per-episode and mean ± std novel mAP."""
-    from cimlic.runner import train_run
+    from cimlic.apps.runner import train_run
 
     f, run_dir = cfg.fewshot, Path(run_dir)
     if not (f.base_labels and f.support_dir and f.test_labels):

@@ -1,6 +1,6 @@
 """``cimlic demo``: every method of the toolkit on the Digits world, end to end.
 
-1. Build the Digits world (``cimlic.data.digits``) under ``<out>/data`` if it is missing.
+1. Build the Digits world (``cimlic.digits.world``) under ``<out>/data`` if it is missing.
 2. Pre-train the tiny CLIP on the digits corpus, or reuse the cached checkpoint (``cimlic pretrain-digits``,
    ``checkpoints/digits/`` by default).
 3. Train and test every method with the shared Trainer (one run folder each under ``<out>``).
@@ -16,62 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
-from cimlic.config import Config, apply_override, from_dict
+from cimlic.digits.settings import METHODS, demo_config
+from cimlic.io import write_json
 
 logger = logging.getLogger(__name__)
-
-# Method name -> config overrides on top of the world's data section and the pre-trained tiny CLIP.
-# Optimisation is scaled to the tiny model (AdamW, higher learning rates than the papers' ViT-B/16 settings; more
-# epochs for the heads that start from scratch); prompt contexts start from "a photo of a" (CoOp's word init).
-# Settings chosen by small sweeps on seed 0's world, by validation mAP (docs/benchmarks.md); "+gefd" adds the three
-# GE/FD parts: group sampling, the dynamic gradient-balancing loss and the diversity module.
-_GEFD = ["sampler.name=group", "loss.name=grad_balance", "model.diversity.enabled=true"]
-_CPRFL = ["model.name=cprfl", "model.cprfl.freeze_backbone=true", "model.cprfl.ffn=256", "loss.name=asl",
-          "train.lr=3e-3", "train.epochs=30"]  # fmt: skip
-_TRMML = ["model.name=trmml", "loss.name=asl", "train.lr=2e-3", "train.epochs=20"]
-METHODS: dict[str, list[str]] = {
-    "zeroshot": ["model.name=zeroshot"],
-    "linear_probe": ["model.name=linear_probe", "loss.name=asl", "train.lr=5e-2", "train.epochs=30"],
-    "coop": ["model.name=coop", "model.ctx_init=a photo of a", "loss.name=asl", "train.lr=5e-3"],
-    "coop+db": ["model.name=coop", "model.ctx_init=a photo of a", "loss.name=db", "train.lr=1e-3"],
-    "dualcoop": ["model.name=dualcoop", "model.ctx_init=a photo of a", "model.dualcoop.n_ctx_neg=4",
-                 "model.dualcoop.tau_s=3", "model.dualcoop.tau=10", "loss.name=asl", "train.lr=2e-2",
-                 "train.epochs=40"],
-    "lmpt": ["model.name=lmpt", "model.ctx_init=a photo of a", "loss.name=lmpt", "train.lr=1e-3"],
-    "hpdval": ["model.name=hpdval", "loss.name=db_star", "train.lr=3e-4", "model.hpdval.alpha=0.7",
-               "model.hpdval.topk=16", "model.hpdval.kd_weight=10", "model.hpdval.prompt_init=words",
-               "model.hpdval.stage2_lr=5e-3"],
-    "cprfl": _CPRFL,
-    "cprfl+gefd": _CPRFL + _GEFD,
-    "trmml": _TRMML,
-    "trmml+gefd": _TRMML + _GEFD,
-}  # fmt: skip
-SIZES = {  # (epochs, stage-2 epochs) of the full and the quick demo; the quick demo caps every method's epochs
-    False: (10, 5),
-    True: (2, 1),
-}
-
-
-def demo_config(
-    world: Path, clip_checkpoint: Path, arch: str, method: str, quick: bool, seed: int, out: Path
-) -> Config:
-    """The config of one demo run: the world's ``data.yaml`` section, the tiny CLIP, the method's overrides."""
-    data = yaml.safe_load((world / "data.yaml").read_text())["data"]
-    cfg = from_dict(Config, {"name": f"demo_{method}", "seed": seed, "data": data})
-    epochs, stage2 = SIZES[quick]
-    common = [
-        f"model.clip_arch={arch}", f"model.clip_checkpoint={clip_checkpoint}", f"train.epochs={epochs}",
-        "train.batch_size=64", "train.num_workers=0", "train.warmup_steps=10", f"train.cache_dir={out / 'cache'}",
-        f"model.hpdval.stage2_epochs={stage2}", f"data.captions={world / 'train_captions.txt'}",
-    ]  # fmt: skip
-    for item in common + METHODS[method]:
-        apply_override(cfg, item)
-    if quick:
-        cfg.train.epochs = min(cfg.train.epochs, epochs)
-    return cfg
 
 
 def run_demo(
@@ -87,11 +37,11 @@ def run_demo(
     seed). It plays the part of the public CLIP checkpoint of the real benchmarks, so by default it stays the same
     (``clip_seed`` 0) while ``seed`` changes the world (labels, rendering, long tail) and every training run.
     """
-    from cimlic.data.digits import build_digits_world
+    from cimlic.apps.report import write_report
+    from cimlic.apps.runner import train_run
+    from cimlic.digits.pretrain import QUICK_RECIPE, PretrainRecipe, pretrain_digits
+    from cimlic.digits.world import build_digits_world
     from cimlic.metrics import format_table
-    from cimlic.pretrain import QUICK_RECIPE, PretrainRecipe, pretrain_digits
-    from cimlic.report import write_report
-    from cimlic.runner import train_run
 
     start, out = time.time(), Path(out)
     world = out / "data"
@@ -118,7 +68,7 @@ def run_demo(
     summary = {"seed": seed, "clip_seed": clip_seed, "quick": quick, "seconds": round(time.time() - start, 1),
                "clip": str(checkpoint),
                "results": {m: {k: r.get(k) for k in keys} for m, r in results.items()}}  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "summary.json", summary)
     report = write_report(runs, out / "report.html", title="cimlic demo: the Digits world")
     print(f"wrote {out / 'summary.json'} and {report} ({summary['seconds']} s)")
     return summary
@@ -147,7 +97,7 @@ def run_seeds(out: Path, seeds: Sequence[int], quick: bool = False, clip_dir: Pa
     summaries = [run_demo(out / f"seed_{s}", quick, s, clip_dir, clip_seed) for s in seeds]
     stats = seed_statistics([sm["results"] for sm in summaries])
     record = {"seeds": list(seeds), "clip_seed": clip_seed, "quick": quick, "methods": stats}
-    (out / "seeds.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(out / "seeds.json", record)
     print(format_seed_table(stats, len(seeds)))
     print(f"wrote {out / 'seeds.json'}")
     return record
