@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format clean
+.PHONY: demo test test-fast lint format clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,6 +17,9 @@ demo: $(STAMP)
 	$(BIN)/cimlic demo
 
 test: $(STAMP)
+	$(BIN)/python -m pytest tests -m "slow or not slow"
+
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 lint: $(STAMP)

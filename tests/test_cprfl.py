@@ -24,6 +24,7 @@ from cimlic.models import build_model
 from cimlic.models.backbones import build_backbone, list_backbones
 from cimlic.models.cprfl import CPRFL, CPRFLConfig, VSILayer
 from cimlic.models.diversity import DiversityConfig
+from runs import sklearn_map
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 NEEDS_TIMM = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed (optional)")
@@ -271,7 +272,7 @@ def test_train_eval_through_cli(tmp_path, glyph_data):
     run = tmp_path / "run"
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--run-dir", str(run)]) == 0
     result = json.loads((run / "eval.json").read_text())
-    assert 0 < result["map"] <= 100 and result["num_images"] == 24
+    assert result["map"] == pytest.approx(sklearn_map(run), abs=1e-6) and result["num_images"] == 24
     assert list((tmp_path / "cache").glob("*.safetensors"))  # frozen backbone: its tokens were cached
     saved = set(ckpt.read_checkpoint(run / "best")[0])
     assert any(k.startswith("diversity.") for k in saved) and not any(k.startswith("clip.") for k in saved)

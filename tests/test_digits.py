@@ -17,6 +17,7 @@ from cimlic.data.labels import class_groups, read_classes, read_label_list
 from cimlic.digits import pretrain
 from cimlic.digits.world import CLASSES, NOVEL, PARTIAL_KNOWN, DigitCorpus, digit_halves, load_digit_images
 from cimlic.models.clip import load_clip
+from runs import chance_map, sklearn_map
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,7 @@ def test_halves_are_disjoint(world):
         assert set(used) <= set(pre.tolist()) and [labels[i] for i in used] == list(classes)
 
 
+@pytest.mark.slow
 def test_world_is_deterministic(world, tmp_path):
     again = tmp_path / "again"
     assert main(["digits", "--out", str(again), "--seed", "0"]) == 0
@@ -124,9 +126,12 @@ def test_zeroshot_run_on_the_world(world, tmp_path):
     argv = ["train", "--config", str(world / "data.yaml"), "--run-dir", str(run)]
     assert main(argv + [x for s in sets for x in ("--set", s)]) == 0
     result = json.loads((run / "eval.json").read_text())
-    assert result["num_images"] == 600 and 0 < result["map"] < 100
+    assert result["num_images"] == 600 and result["map"] == pytest.approx(sklearn_map(run), abs=1e-6)
+    chance = chance_map(world / "test.txt", world / "classes.txt")  # about 15: a random CLIP scores near it
+    assert abs(result["map"] - chance) < 8, (result["map"], chance)
 
 
+@pytest.mark.slow
 # ------------------------------------------------------------------------------------------ pre-training
 def test_pretrain_learns_and_is_deterministic(tmp_path):
     recipe = pretrain.QUICK_RECIPE  # 40 steps of 16 pairs

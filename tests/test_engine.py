@@ -359,6 +359,7 @@ def _ddp_worker(rank: int, world: int, port: int, root: str, loss: str = "bce") 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["bce", "grad_balance"])
 def test_ddp_two_gloo_processes_match_one_process(tmp_path, loss):
     """2 ranks x batch 8 == 1 process x batch 16 with the same sample order per step.

@@ -18,6 +18,7 @@ from cimlic.losses import build_loss
 from cimlic.models import build_model
 from cimlic.models.hpdval import HPDVAL, HPDVALConfig, dual_view_scores, fuse_views, l1_distance, topk_mean
 from glyphs import build_world
+from runs import sklearn_map
 
 CLASSES = ["dog", "cat", "traffic light", "potted_plant"]
 PROMPTS = {"prompt_global.ctx", "prompt_local.ctx"}
@@ -270,11 +271,11 @@ def test_two_stage_run_through_the_cli(world, tmp_path, capsys):
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     assert main(["train", "--config", str(_write_config(tmp_path / "a.yaml", world, "hpdval_stage1")),
                  "--run-dir", str(s1)]) == 0  # fmt: skip
-    assert 0 < json.loads((s1 / "eval.json").read_text())["map"] <= 100
+    assert json.loads((s1 / "eval.json").read_text())["map"] == pytest.approx(sklearn_map(s1), abs=1e-6)
     assert {"loss_main", "loss_kd"} <= _losses_logged(s1)
     config = _write_config(tmp_path / "b.yaml", world, "hpdval_stage2", stage1_run=str(s1))
     assert main(["train", "--config", str(config), "--run-dir", str(s2)]) == 0
-    assert 0 < json.loads((s2 / "eval.json").read_text())["map"] <= 100
+    assert json.loads((s2 / "eval.json").read_text())["map"] == pytest.approx(sklearn_map(s2), abs=1e-6)
     assert {"loss_main", "loss_sc"} <= _losses_logged(s2) and "loss_kd" not in _losses_logged(s2)
     assert set(load_file(s2 / "best.safetensors")) == PROMPTS  # the frozen student is not saved again
     assert list((tmp_path / "cache").glob("*.safetensors"))  # stage 2 read the student's features from the cache
@@ -290,7 +291,7 @@ def test_joint_run_through_the_cli(world, tmp_path):
     run = tmp_path / "joint"
     assert main(["train", "--config", str(_write_config(tmp_path / "j.yaml", world, "hpdval_joint")),
                  "--run-dir", str(run)]) == 0  # fmt: skip
-    assert 0 < json.loads((run / "eval.json").read_text())["map"] <= 100
+    assert json.loads((run / "eval.json").read_text())["map"] == pytest.approx(sklearn_map(run), abs=1e-6)
     assert {"loss_main", "loss_kd", "loss_sc"} <= _losses_logged(run)
     names = set(load_file(run / "best.safetensors"))
     assert names >= PROMPTS and "student.visual.conv1.weight" in names

@@ -56,6 +56,25 @@ def test_sklearn_variant_equals_sklearn(shared_data, name, n_images, n_classes, 
     assert res["num_images"] == n_images and res["no_positive_classes"] == []
 
 
+@pytest.mark.parametrize("decimals", [None, 1], ids=["continuous", "tied"])
+def test_sklearn_variant_equals_sklearn_synthetic(decimals):
+    """The same parity on a synthetic imbalanced problem (always runs: no shared label lists needed)."""
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(1)
+    rates = np.array([0.5, 0.2, 0.05, 0.01, 0.003])  # head to tail, the last class with a single positive
+    targets = (rng.random((1000, rates.size)) < rates).astype(np.int8)
+    targets[0, -1] = 1
+    scores = (rng.random(targets.shape) + 0.7 * targets) / 1.7
+    if decimals is not None:
+        scores = np.round(scores, decimals)  # many tied scores per class
+    ap = per_class_ap(scores, targets, "sklearn")
+    ref = np.array([average_precision_score(targets[:, c], scores[:, c]) for c in range(rates.size)])
+    np.testing.assert_array_equal(ap, ref)  # same summation order: bit-identical
+    res = evaluate(scores, targets, list("abcde"), scores_are_logits=False)
+    assert res["map"] == pytest.approx(100 * ref.mean(), rel=1e-12)
+
+
 def test_voc_variants_hand_computed():
     # Ranking (scores already descending): labels 1 0 0 1 1 -> three positives.
     # Precision/recall after each image: (1, 1/3) (1/2, 1/3) (1/3, 1/3) (1/2, 2/3) (3/5, 1).
@@ -268,6 +287,7 @@ def _ddp_worker(rank: int, port: int, shards: list, out: str) -> None:
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_gather_unequal_shards(tmp_path):
     rng = np.random.default_rng(6)
     scores = rng.normal(size=(50, 3))

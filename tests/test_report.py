@@ -298,6 +298,7 @@ def _headless(chromium: Path, profile: Path, *args: str) -> subprocess.Completed
     return proc
 
 
+@pytest.mark.slow
 def test_page_renders_in_headless_chromium(chromium, runs, tmp_path):
     from PIL import Image
 

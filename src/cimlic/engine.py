@@ -162,19 +162,10 @@ class Trainer:
             for epoch in range(start, epochs):
                 if self.step >= self.total_steps:
                     break
-                self._set_epoch(epoch)
+                self.start_epoch(epoch)
                 bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{epochs}", disable=self.rank != 0, leave=False)
                 for batch in bar:
-                    batch = _to_device(batch, self.device)
-                    out = self.train_step(batch)  # forward (autocast) + loss parts
-                    self.optimizer.zero_grad(set_to_none=True)
-                    out["loss"].backward()
-                    grad_norm = self._clip_gradients()
-                    lr = self._set_lr()
-                    self.optimizer.step()
-                    if self.ema is not None:
-                        self.ema.update(self.model)
-                    self.step += 1
+                    out, lr, grad_norm = self.train_step(batch)
                     self._log_step(epoch, lr, out, grad_norm, bar)
                     if self.step >= self.total_steps:
                         break
@@ -183,7 +174,21 @@ class Trainer:
                     return {"stopped_after_epoch": epoch + 1}
             return self._finish()
 
-    def train_step(self, batch: dict) -> dict[str, Tensor]:
+    def train_step(self, batch: dict) -> tuple[dict[str, Tensor], float, Tensor | None]:
+        """One optimiser step on a batch: forward and loss, backward, clipping, the step's learning rate, the update,
+        EMA. Returns (``forward_loss``'s parts, learning rate, gradient norm before clipping or None)."""
+        out = self.forward_loss(_to_device(batch, self.device))  # forward (autocast) + loss parts
+        self.optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        grad_norm = self._clip_gradients()
+        lr = self._set_lr()
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return out, lr, grad_norm
+
+    def forward_loss(self, batch: dict) -> dict[str, Tensor]:
         """Forward and loss of one batch (already on the device).
 
         Returns:
@@ -231,8 +236,8 @@ class Trainer:
             kw.update(persistent_workers=t.num_workers > 0)
         return DataLoader(dataset, **kw)
 
-    def _set_epoch(self, epoch: int) -> None:
-        """Seed the epoch's data order from (seed, epoch) and put the model in training mode."""
+    def start_epoch(self, epoch: int) -> None:
+        """Seed the epoch's data order from (seed, epoch), put the model in training mode, call its epoch hook."""
         self.generator.manual_seed((self.cfg.seed * 1_000_003 + epoch) % 2**63)
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)

@@ -1,4 +1,5 @@
-"""``cimlic bench cache``: one training epoch with the frozen image tower recomputed vs read from the cache."""
+"""``cimlic bench cache|train``: one training epoch of the Trainer's own step, with the frozen image tower recomputed
+vs read from the cache, or on images (a trainable image tower)."""
 
 from __future__ import annotations
 
@@ -8,31 +9,31 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cimlic.apps.runner import build_model_for, image_dataset, load_splits, model_transform
 from cimlic.cache import CachedFeatureDataset, load_or_compute
 from cimlic.config import Config, ConfigError
+from cimlic.engine import Trainer
 from cimlic.losses import build_loss
+from cimlic.models import Method
 
 logger = logging.getLogger(__name__)
 
 
-def _epoch(model: torch.nn.Module, loss_fn: torch.nn.Module, dataset: Dataset, batch_size: int) -> tuple[float, int]:
-    """Seconds and steps of one training epoch (forward, loss, backward, AdamW step) over ``dataset``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    steps, tic = 0, time.perf_counter()
-    for batch in loader:
-        out = model(batch)
-        loss = loss_fn(out["logits"].float(), batch["target"], **out.get("loss_inputs", {}))
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        steps += 1
-    return time.perf_counter() - tic, steps
+def _epoch(cfg: Config, model: Method, loss_fn: torch.nn.Module, dataset: Dataset) -> tuple[float, int]:
+    """Seconds and steps of one training epoch of the Trainer's own step (``Trainer.train_step``) over ``dataset``."""
+    with tempfile.TemporaryDirectory() as run_dir:  # the Trainer writes nothing before fit(); a folder it may own
+        trainer = Trainer(cfg, model, loss_fn, dataset, dataset, dataset, [str(i) for i in range(model.num_classes)],
+                          None, run_dir)  # fmt: skip
+        if trainer.optimizer is None:
+            raise ConfigError(f"model {cfg.model.name!r} has nothing to train: no training step to time")
+        trainer.start_epoch(0)
+        steps, tic = 0, time.perf_counter()
+        for batch in trainer.train_loader:
+            trainer.train_step(batch)
+            steps += 1
+        return time.perf_counter() - tic, steps
 
 
 def bench_cache(cfg: Config, max_images: int = 0) -> dict:
@@ -53,14 +54,13 @@ def bench_cache(cfg: Config, max_images: int = 0) -> dict:
         raise ConfigError(f"model {cfg.model.name!r} has no frozen image tower: nothing to cache")
     images = image_dataset(cfg, train, "train", model_transform(model, train=False))
     loss_fn = build_loss(cfg.loss, torch.as_tensor(train.class_counts()), len(train))
-    model.train()
-    uncached_s, steps = _epoch(model, loss_fn, images, cfg.train.batch_size)
+    uncached_s, steps = _epoch(cfg, model, loss_fn, images)
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
         feats = load_or_compute(model.image_features, model.feature_tower, images, Path(tmp),
                                 required=model.feature_keys, batch_size=cfg.train.batch_size)  # fmt: skip
         build_s = time.perf_counter() - tic
-    cached_s, _ = _epoch(model, loss_fn, CachedFeatureDataset(feats, images.targets), cfg.train.batch_size)
+    cached_s, _ = _epoch(cfg, model, loss_fn, CachedFeatureDataset(feats, images.targets))
     result = {
         "model": cfg.model.name, "clip_arch": cfg.model.clip_arch, "images": len(images), "steps": steps,
         "batch_size": cfg.train.batch_size, "threads": torch.get_num_threads(),
@@ -79,8 +79,7 @@ def bench_train(cfg: Config, max_images: int = 0) -> dict:
     model = build_model_for(cfg, splits.classnames)
     images = image_dataset(cfg, train, "train", model_transform(model, train=False))
     loss_fn = build_loss(cfg.loss, torch.as_tensor(train.class_counts()), len(train))
-    model.train()
-    seconds, steps = _epoch(model, loss_fn, images, cfg.train.batch_size)
+    seconds, steps = _epoch(cfg, model, loss_fn, images)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "model": cfg.model.name, "clip_arch": cfg.model.clip_arch, "images": len(images), "steps": steps,

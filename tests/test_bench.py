@@ -1,0 +1,61 @@
+"""``cimlic bench``: the timed epoch is the Trainer's own training step (aux losses, model targets, the optimiser)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from cimlic.apps.bench import bench_cache, bench_train
+from cimlic.apps.cli import main
+from cimlic.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _config(tmp_path, glyph_data, model: str, **extra):
+    cfg = {"name": f"bench_{model}", "data": glyph_data,
+           "model": {"name": model, "clip_arch": "cimlic-tiny-vit", "random_init": True, "n_ctx": 4},
+           "train": {"batch_size": 8, "num_workers": 0, "lr": 0.01, "device": "cpu"},
+           "loss": {"name": "asl"}}  # fmt: skip
+    for key, value in extra.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_bench_cache_times_the_trainer_step(tmp_path, glyph_data, capsys, monkeypatch):
+    from cimlic.engine import Trainer
+
+    calls = []
+    step = Trainer.train_step
+
+    def counted(self, batch):
+        calls.append(sorted(batch))
+        return step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    config = _config(tmp_path, glyph_data, "trmml")  # an aux loss and model-provided targets
+    result = bench_cache(load_config(config), max_images=12)
+    assert result["images"] == 12 and result["steps"] == math.ceil(12 / 8)
+    assert len(calls) == 2 * result["steps"]  # the uncached and the cached epoch, both through Trainer.train_step
+    assert "image" in calls[0] and "feat_local" in calls[-1] and "image" not in calls[-1]
+    assert result["uncached_s"] > 0 and result["cached_s"] > 0 and result["ratio"] > 0
+    assert main(["bench", "cache", "--config", str(config), "--max-images", "8"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert printed["steps"] == 1 and printed["model"] == "trmml"
+
+
+def test_bench_train_and_errors(tmp_path, glyph_data, capsys):
+    config = _config(tmp_path, glyph_data, "hpdval_stage1", model__hpdval={"topk": 4})
+    result = bench_train(load_config(config), max_images=8)
+    assert result["steps"] == 1 and result["trainable_params"] > 0 and result["s_per_step"] > 0
+    assert main(["bench", "cache", "--config", str(config)]) == 2  # a trainable image tower: nothing to cache
+    assert "no frozen image tower" in capsys.readouterr().err
+    zeroshot = _config(tmp_path, glyph_data, "zeroshot")
+    assert main(["bench", "train", "--config", str(zeroshot), "--max-images", "16"]) == 2
+    assert "nothing to train" in capsys.readouterr().err
