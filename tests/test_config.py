@@ -61,7 +61,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: loss: unknown key\(s\) \['nme'\]; valid keys"):
         load_config(path)
     path.write_text("loss: [1, 2\n")
-    with pytest.raises(ConfigError, match="c.yaml: malformed YAML"):
+    with pytest.raises(ConfigError, match="c.yaml: malformed YAML in this config file"):
         load_config(path)
     path.write_text("sampler:\n  per_class: three\n")
     with pytest.raises(ConfigError, match="sampler.per_class: expected an integer"):
@@ -75,3 +75,30 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert yaml.safe_load(path.read_text())  # not empty
     assert cfg.data.classes and (cfg.data.train_labels or cfg.fewshot.base_labels)
+
+
+def test_keys_moved_into_method_sections_are_still_read(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n  name: dualcoop\n  tau_s: 3.0\n  n_ctx_neg: 4\n  probe_init: zeroshot\n")
+    with caplog.at_level("WARNING", logger="cimlic.config"):
+        cfg = load_config(path, ["model.tau=7", "model.probe_normalize=false"])
+    assert (cfg.model.dualcoop.tau_s, cfg.model.dualcoop.n_ctx_neg, cfg.model.dualcoop.tau) == (3.0, 4, 7.0)
+    assert cfg.model.linear_probe.init == "zeroshot" and cfg.model.linear_probe.normalize is False
+    assert "model.tau_s is now model.dualcoop.tau_s" in caplog.text and "model.tau is now" in caplog.text
+    assert "tau_s" not in to_dict(cfg)["model"]  # saved in the new place only
+    path.write_text("model:\n  tau_s: 3.0\n  dualcoop:\n    tau_s: 4.0\n")
+    with pytest.raises(ConfigError, match="both model.tau_s and model.dualcoop.tau_s"):
+        load_config(path)
+
+
+def test_method_sections_come_from_the_method_table():
+    from cimlic.config import ModelConfig
+    from cimlic.models import config_sections
+
+    sections = config_sections()
+    assert {"hpdval", "cprfl", "trmml", "dualcoop", "linear_probe", "diversity"} <= set(sections)
+    model = ModelConfig()
+    for key, section in sections.items():
+        assert isinstance(getattr(model, key), section), key
+    with pytest.raises(ConfigError, match="unknown key 'nope' in model.hpdval"):
+        apply_override(Config(), "model.hpdval.nope=1")

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cimlic.distributed import all_gather_objects
 from cimlic.errors import CimlicError
-from cimlic.io import atomic_write_files, json_bytes, read_json, save_torch, state_dict_mismatch
+from cimlic.io import atomic_write_files, json_bytes, load_tensor_file, read_json, save_torch, state_dict_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -230,12 +230,7 @@ def save_state(path: str | os.PathLike, state: dict) -> None:
 def load_state(path: str | os.PathLike) -> dict:
     """Read a resume state with ``torch.load(weights_only=True)``; CheckpointError when missing or corrupt."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: resume state not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises pickle, zip and runtime errors for damaged files
-        raise CheckpointError(f"{path}: unreadable resume state ({type(err).__name__}: {err})") from None
+    state = load_tensor_file(path, CheckpointError, "resume state")  # never unpickles code: weights_only
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: resume state is a {type(state).__name__}, not a dict")
     return state

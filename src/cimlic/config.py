@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from cimlic.errors import ConfigError
+from cimlic.io import read_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -371,12 +372,7 @@ def load_config(
     data: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: malformed YAML ({err})") from None
+        data = read_yaml(path, ConfigError, "config file") or {}
         try:
             cfg = from_dict(cls, migrate_moved_keys(data, str(path)) if isinstance(data, dict) else data)
         except ConfigError as err:

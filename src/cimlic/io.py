@@ -131,7 +131,7 @@ def read_json(path: str | os.PathLike, error: type[Exception] = CimlicError, wha
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise error(f"{path}: unreadable {what} ({type(err).__name__}: {_first_line(err)})") from None
+        raise error(f"{path}: unreadable {what}, malformed JSON ({type(err).__name__}: {_first_line(err)})") from None
 
 
 def read_yaml(path: str | os.PathLike, error: type[Exception] = CimlicError, what: str = "YAML file") -> Any:
@@ -142,7 +142,7 @@ def read_yaml(path: str | os.PathLike, error: type[Exception] = CimlicError, wha
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise error(f"{path}: malformed {what} ({type(err).__name__}: {_first_line(err)})") from None
+        raise error(f"{path}: malformed YAML in this {what} ({type(err).__name__}: {_first_line(err)})") from None
 
 
 def _first_line(err: BaseException) -> str:

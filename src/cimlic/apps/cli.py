@@ -13,7 +13,7 @@ from cimlic import __version__
 from cimlic.data.labels import read_classes, read_label_list, write_label_list
 from cimlic.distributed import close_distributed, rank
 from cimlic.errors import CimlicError, ConfigError
-from cimlic.io import atomic_write_text
+from cimlic.io import atomic_write_text, read_json
 
 logger = logging.getLogger("cimlic")
 
@@ -236,7 +236,7 @@ def cmd_pretrain_digits(args: argparse.Namespace) -> int:
     command += " --quick" if args.quick else ""
     cached = checkpoint_path(args.out, args.arch, recipe, args.seed).is_file() and not args.force
     path = pretrain_digits(args.out, seed=args.seed, recipe=recipe, arch=args.arch, command=command, force=args.force)
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = read_json(path.with_suffix(".json"), ConfigError, "pre-training record")
     print(f"checkpoint: {path}{' (found in the cache)' if cached else ''}")
     print(f"final loss {meta['final_loss']:.4f} (mean of the last 20 steps) after {len(meta['losses'])} steps "
           f"({meta['seconds']} s); "

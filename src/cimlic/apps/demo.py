@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -19,7 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from cimlic.digits.settings import METHODS, demo_config
-from cimlic.io import write_json
+from cimlic.errors import ConfigError
+from cimlic.io import read_json, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ def run_demo(
     recipe = QUICK_RECIPE if quick else PretrainRecipe()
     command = f"cimlic pretrain-digits --seed {clip_seed}" + (" --quick" if quick else "")
     checkpoint = pretrain_digits(clip_dir, seed=clip_seed, recipe=recipe, command=command)
-    arch = json.loads(checkpoint.with_suffix(".json").read_text())["arch"]
+    arch = read_json(checkpoint.with_suffix(".json"), ConfigError, "pre-training record")["arch"]
     results, runs = {}, []
     for method in tqdm(METHODS, desc="demo methods"):
         run_dir = out / method
         done = run_dir / "eval.json"
         if done.is_file():  # a finished run is reused (delete its folder to train it again)
-            results[method] = json.loads(done.read_text())
+            results[method] = read_json(done, ConfigError, "run result")
         else:
             results[method] = train_run(demo_config(world, checkpoint, arch, method, quick, seed, out), run_dir)
         runs.append(run_dir / "stage2" if (run_dir / "stage2").is_dir() else run_dir)

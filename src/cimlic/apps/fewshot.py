@@ -10,7 +10,6 @@ exact image list it was trained on. **[our design]** where METHODS leaves the pr
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import numpy as np
 
 from cimlic.config import Config, ConfigError
 from cimlic.data.labels import LabelSet, read_classes, read_label_list, write_label_list
-from cimlic.io import write_json
+from cimlic.io import read_json, write_json
 from cimlic.rundir import RunDirError
 
 logger = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
             ep_dir = run_dir / f"{shots}shot_{episode}"
             done = ep_dir / "eval.json"
             if resume and done.is_file():
-                result = json.loads(done.read_text())
+                result = read_json(done, RunDirError, "episode result")
             else:
                 ep_cfg = episode_config(cfg, shots, episode, ep_dir)
                 result = train_run(ep_cfg, ep_dir, resume=resume and ep_dir.is_dir() and any(ep_dir.iterdir()))

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from cimlic.config import ConfigError
 from cimlic.data.dataset import ImageFileError, load_image
-from cimlic.io import atomic_write_text
+from cimlic.io import atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +45,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 def read_thresholds(path: str | os.PathLike, classnames: Sequence[str]) -> np.ndarray:
     """(C,) per-class thresholds from a JSON object {class name: threshold}; classes not listed keep 0.5."""
     path = Path(path)
-    try:
-        table = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: thresholds file not found") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: malformed JSON ({err})") from None
+    table = read_json(path, ConfigError, "thresholds file")
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: expected a JSON object {{class name: threshold}}")
     unknown = sorted(set(table) - set(classnames))

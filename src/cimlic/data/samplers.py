@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from cimlic.config import SamplerConfig
 from cimlic.data.labels import GROUPS, class_groups
+from cimlic.distributed import world
 from cimlic.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -45,11 +45,9 @@ def _as_targets(targets: np.ndarray | torch.Tensor | Sequence[Sequence[int]]) ->
 
 def _resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """(rank, world_size): explicit values, else torch.distributed's when initialised, else (0, 1)."""
-    initialised = dist.is_available() and dist.is_initialized()
-    if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
+    current_rank, current_size = world()
+    world_size = current_size if world_size is None else world_size
+    rank = current_rank if rank is None else rank
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return int(rank), int(world_size)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cimlic.digits.world import CORPUS_LABEL_COUNTS, CORPUS_STYLE, MAX_CORPUS_BATCH, DigitCorpus, caption
 from cimlic.errors import ConfigError
-from cimlic.io import atomic_write_text, save_safetensors
+from cimlic.io import atomic_write_text, read_json, save_safetensors
 from cimlic.models.clip import TINY_CONFIG_DIR, ClipError, ClipModel, load_clip
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def model_config(arch: str) -> dict:
     if not path.is_file():
         valid = sorted(p.stem for p in TINY_CONFIG_DIR.glob("*.json"))
         raise ClipError(f"pre-training needs one of cimlic's tiny CLIP architectures, not {arch!r}; valid: {valid}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, ConfigError, "tiny CLIP config")
 
 
 def _corpus() -> dict:
