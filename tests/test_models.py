@@ -134,7 +134,7 @@ def test_template_ensemble_equals_manual_average():
     with torch.no_grad():
         per = [F.normalize(clip.encode_text(clip.tokenize([t.format(c) for c in names])), dim=-1) for t in templates]
         expected = F.normalize(torch.stack(per).mean(0), dim=-1)  # (C, D)
-    torch.testing.assert_close(model.text_features, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.text_features(), expected, rtol=0, atol=1e-6)
     x = _images(model)
     with torch.no_grad():
         img = F.normalize(clip.encode_image(x), dim=-1)
@@ -169,7 +169,7 @@ def test_dualcoop_matches_formula(arch):
             neg = 5 * sum(a[r] * s_neg[b, r, c].item() for r in range(N))
             assert logits[b, c].item() == pytest.approx(pos - neg, abs=1e-5)
     # region scores are cosines of the local tokens with the prompt text features
-    t_pos, _ = model.text_features()
+    t_pos, _ = model.prompt_features()
     torch.testing.assert_close(s_pos[0, 0, 1], F.cosine_similarity(local[0, 0], t_pos[1], dim=0), rtol=0, atol=1e-6)
 
 

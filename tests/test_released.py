@@ -153,7 +153,7 @@ def test_mean_token_equals_the_attention_pool_mean_token():
         torch.testing.assert_close(with_mean[:, 0], direct, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(with_mean[:, 1:], local)
         # the model aggregates over 1 + hw regions, from images or from the cached spatial features alike
-        pos, neg = model.text_features()
+        pos, neg = model.prompt_features()
         loc = F.normalize(with_mean, dim=-1)
         s_pos, s_neg = loc @ F.normalize(pos, dim=-1).T, loc @ F.normalize(neg, dim=-1).T
         expected = dualcoop_aggregate(s_pos, s_neg, 20.0, 5.0, released=True)

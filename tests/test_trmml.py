@@ -78,7 +78,7 @@ def test_shapes_and_gradients(dim):
     assert model.regions(feats["feat_local"]).shape == (6, C, embed)
     assert model.queries.shape == (C, dim or embed)
     if dim == 0:  # the queries start at the class text features
-        torch.testing.assert_close(model.queries.detach(), model.text_features)
+        torch.testing.assert_close(model.queries.detach(), model.text_features())
     (out["logits"].square().sum() + out["aux_losses"]["contrastive"]).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"queries", "attn.in_proj_weight", "attn.out_proj.weight", "mlp.0.weight", "mlp.3.weight"} <= trainable
@@ -101,7 +101,7 @@ def test_logits_are_scaled_cosines_of_regions(scale):
     s = scale or model.clip.logit_scale
     for b in range(3):
         for c in range(C):
-            assert logits[b, c].item() == pytest.approx(s * _cos(regions[b, c], model.text_features[c]), abs=1e-5)
+            assert logits[b, c].item() == pytest.approx(s * _cos(regions[b, c], model.text_features()[c]), abs=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["cimlic-tiny-vit", "cimlic-tiny-rn"])
@@ -167,7 +167,7 @@ def test_contrastive_aux_loss_in_forward():
     out = model({**feats, "target": target})
     with torch.no_grad():
         regions = model.regions(feats["feat_local"])
-        expected = 0.5 * multimodal_contrastive_loss(regions, model.text_features, target, 0.2)
+        expected = 0.5 * multimodal_contrastive_loss(regions, model.text_features(), target, 0.2)
     torch.testing.assert_close(out["aux_losses"]["contrastive"].detach(), expected)
     assert "aux_losses" not in _build(contrastive_weight=0.0).train()({**feats, "target": target})
 
@@ -199,7 +199,7 @@ def test_similarity_formula():
     regions = torch.randn(2, C, model.clip.embed_dim)
     q = model.similarity(regions)
     for c in range(C):
-        by_hand = 0.5 * (_cos(regions[1, c], model.visual_proto[c]) + _cos(regions[1, c], model.text_features[c]))
+        by_hand = 0.5 * (_cos(regions[1, c], model.visual_proto[c]) + _cos(regions[1, c], model.text_features()[c]))
         assert q[1, c].item() == pytest.approx(by_hand, abs=1e-6)
 
 

@@ -99,14 +99,14 @@ class DualCoOp(FrozenClipMethod):
     def tau(self) -> Tensor:
         return self.log_tau.exp()
 
-    def text_features(self) -> tuple[Tensor, Tensor]:
+    def prompt_features(self) -> tuple[Tensor, Tensor]:
         """Positive and negative prompt text features, (C, D) each."""
         pos, neg = encode_prompts(self.clip, self.prompt_pos, self.prompt_neg)
         return pos, neg
 
     def region_scores(self, local: Tensor) -> tuple[Tensor, Tensor]:
         """Cosine scores (B, N, C) of every local token (B, N, D) against the positive and negative prompts."""
-        pos, neg = self.text_features()
+        pos, neg = self.prompt_features()
         local = F.normalize(local, dim=-1)
         return local @ F.normalize(pos, dim=-1).T, local @ F.normalize(neg, dim=-1).T
 

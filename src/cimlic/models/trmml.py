@@ -135,7 +135,7 @@ class TRMML(FrozenClipMethod):
         self.cfg = cfg
         self.logit_scale = float(cfg.logit_scale) if cfg.logit_scale > 0 else clip.logit_scale
         text = class_text_features(clip, classnames, templates)  # (C, E), normalised
-        self.register_buffer("text_features", text, persistent=False)
+        self.register_buffer("class_text", text, persistent=False)
         self.token_proj = nn.Linear(embed, dim) if dim != embed else nn.Identity()  # local tokens E -> d
         with torch.no_grad():
             self.queries = nn.Parameter(self.token_proj(text).detach().clone())  # (C, d), start at t_c
@@ -166,6 +166,10 @@ class TRMML(FrozenClipMethod):
         self._counts: Tensor | None = None  # [pos, neg, pos_right, neg_right, batches with true_target]
         logger.info("TRM-ML: %d classes, query width %d (CLIP %d), scale %.2f", n, dim, embed, self.logit_scale)
 
+    def text_features(self) -> Tensor:
+        """The class text features t_c (C, E), normalised (fixed)."""
+        return self.class_text
+
     # ------------------------------------------------------------------------------------ forward
     def regions(self, local: Tensor) -> Tensor:
         """Category-aware region features r (B, C, E) from local tokens (B, N, E)."""
@@ -178,14 +182,14 @@ class TRMML(FrozenClipMethod):
 
     def match(self, regions: Tensor) -> Tensor:
         """One-to-one text-region logits z_c = s * cos(r_c, t_c): (B, C, E) -> (B, C)."""
-        text = self.text_features.to(regions.dtype)
+        text = self.class_text.to(regions.dtype)
         return self.logit_scale * (F.normalize(regions, dim=-1) * text).sum(dim=-1)
 
     @torch.no_grad()
     def similarity(self, regions: Tensor) -> Tensor:
         """Prototype score q (B, C) = (cos(r, v_c) + cos(r, t_c)) / 2 with the current visual prototypes."""
         r = F.normalize(regions.float(), dim=-1)  # (B, C, E)
-        return 0.5 * ((r * F.normalize(self.visual_proto, dim=-1)).sum(-1) + (r * self.text_features).sum(-1))
+        return 0.5 * ((r * F.normalize(self.visual_proto, dim=-1)).sum(-1) + (r * self.class_text).sum(-1))
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict:
         regions = self.regions(self.batch_features(batch)["local"])  # (B, C, E)
@@ -193,7 +197,7 @@ class TRMML(FrozenClipMethod):
         if self.training and "target" in batch:
             targets = batch["target"].to(regions.device, torch.float32)  # (B, C)
             if self.cfg.contrastive_weight > 0:
-                loss = multimodal_contrastive_loss(regions, self.text_features, targets, self.cfg.contrastive_temp)
+                loss = multimodal_contrastive_loss(regions, self.class_text, targets, self.cfg.contrastive_temp)
                 out["aux_losses"] = {"contrastive": self.cfg.contrastive_weight * loss}
             out["targets"] = self._pseudo_label_step(regions.detach(), targets, batch.get("true_target"))
         return out

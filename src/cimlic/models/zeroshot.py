@@ -21,11 +21,16 @@ class ZeroShotCLIP(FrozenClipMethod):
     def __init__(self, clip: ClipModel, classnames: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)):
         super().__init__(clip, len(classnames))
         self.templates = list(templates)
-        self.register_buffer("text_features", class_text_features(clip, classnames, templates), persistent=False)
+        self.register_buffer("class_text", class_text_features(clip, classnames, templates), persistent=False)
+
+    def text_features(self) -> Tensor:
+        """The class text features (C, D) (fixed: computed once from the templates)."""
+        return self.class_text
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         feats = self.batch_features(batch)
-        return {"logits": cosine_logits(feats["global"], self.text_features.to(feats["global"]), self.clip.logit_scale)}
+        text = self.text_features().to(feats["global"])
+        return {"logits": cosine_logits(feats["global"], text, self.clip.logit_scale)}
 
 
 def build(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> ZeroShotCLIP:
