@@ -252,7 +252,7 @@ def test_backbone_errors(monkeypatch):
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
-    with pytest.raises(RuntimeError, match="no network.*local state-dict file"):
+    with pytest.raises(ConfigError, match="no network.*local state-dict file"):
         build_backbone("resnet18", "imagenet")
 
 

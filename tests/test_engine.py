@@ -20,7 +20,7 @@ from cimlic.checkpoint import load_checkpoint, load_state, read_checkpoint, trai
 from cimlic.config import Config, LossConfig, TrainConfig
 from cimlic.distributed import init_distributed, shard
 from cimlic.engine import Trainer
-from cimlic.losses import BCELoss, build_loss
+from cimlic.losses import BCELoss, Loss, build_loss
 from cimlic.models.base import Method
 from cimlic.optim import EMA, lr_at
 from cimlic.rundir import RunDirError
@@ -77,7 +77,7 @@ class ZeroShot(Method):
         return {"logits": self.scale * self.clip(batch["feat_global"])}
 
 
-class CrashingLoss(nn.Module):
+class CrashingLoss(Loss):
     """Wraps a loss; raises on call number ``crash_at`` (simulates a killed run)."""
 
     def __init__(self, inner: nn.Module, crash_at: int | None = None) -> None:

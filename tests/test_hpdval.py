@@ -188,7 +188,7 @@ def test_stage2_bad_stage1_run_errors(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match=r"best\.json: not an HP-DVAL stage-1 run \(model 'coop'\)"):
         _build("hpdval_stage2", stage1_run=str(tmp_path / "coop"))
     (tmp_path / "s1" / "clip.json").write_text(json.dumps({"digest": "0" * 64, "source": "another CLIP"}))
-    with pytest.raises(ckpt.CheckpointError, match=r"clip\.json: stage 1 was trained with other CLIP weights"):
+    with pytest.raises(ckpt.CheckpointError, match=r"clip\.json: the frozen weights differ from those stage 1 was"):
         _build("hpdval_stage2", stage1_run=str(tmp_path / "s1"))
 
 

@@ -115,7 +115,9 @@ def test_train_errors(world, tmp_path, capsys):
     assert "random_init" in capsys.readouterr().err
     nocap = write_config(tmp_path / "l.yaml", world, "coop", loss__name="lmpt")
     assert main(["train", "--config", str(nocap), "--run-dir", str(tmp_path / "r5")]) == 2
-    assert "loss.name=lmpt needs caption_emb" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "loss.name=lmpt needs ['caption_emb', 'prompt_emb'] from the model" in err and "model.name=lmpt" in err
+    assert not (tmp_path / "r5").exists()  # refused before anything was computed or written
     nocap = write_config(tmp_path / "m.yaml", world, "lmpt")
     nocap.write_text(nocap.read_text().replace("captions: " + str(world / "captions.txt"), "captions: ''"))
     assert main(["train", "--config", str(nocap), "--run-dir", str(tmp_path / "r6")]) == 2

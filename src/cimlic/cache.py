@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cimlic.data.dataset import MultiLabelDataset
-from cimlic.io import atomic_write_text, save_safetensors
+from cimlic.io import save_safetensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def load_or_compute(
     feats = compute_features(fn, dataset, batch_size, num_workers, device)
     save_safetensors(path, feats)
     shapes = {k: list(v.shape) for k, v in feats.items()}
-    atomic_write_text(cache_dir / f"{key}.json", json.dumps(parts | {"shapes": shapes}, indent=2) + "\n")
+    write_json(cache_dir / f"{key}.json", parts | {"shapes": shapes})
     return feats
 
 

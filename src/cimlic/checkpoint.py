@@ -195,6 +195,31 @@ def load_checkpoint(
     return meta
 
 
+def check_identity(path: str | os.PathLike, current: dict, what: str = "this run") -> None:
+    """The frozen weights recorded in ``path`` (a ``clip.json``) must be ``current`` (``Method.identity()``).
+
+    Nothing to check when the file does not exist (runs from before it was written).
+
+    Raises:
+        CheckpointError: a malformed file, or other frozen weights (naming the parts that differ).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return
+    saved = read_json(path, CheckpointError, "CLIP identity file")
+    if not isinstance(saved, dict) or not isinstance(saved.get("digest"), str):
+        raise CheckpointError(f"{path}: malformed CLIP identity file (a JSON object with a 'digest' expected)")
+    if saved["digest"] == current["digest"]:
+        return
+    old, new = saved.get("parts") or {}, current.get("parts") or {}
+    differ = [name for name in new if isinstance(old, dict) and name in old and old[name] != new[name]]
+    which = f" ({', '.join(differ)} differ{'s' if len(differ) == 1 else ''})" if differ else ""
+    raise CheckpointError(
+        f"{path}: the frozen weights differ from those {what} was trained with{which} "
+        f"(trained on {saved.get('source') or saved.get('arch')}, now {current.get('source') or current.get('arch')})"
+    )
+
+
 # ---------------------------------------------------------------------------------- resume state
 def get_rng_state() -> dict:
     """RNG states of python, numpy and torch (CPU and CUDA) as tensors and numbers (weights_only-safe)."""

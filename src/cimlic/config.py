@@ -166,6 +166,8 @@ MOVED_KEYS = {
     ("model", "dropout"): ("model", "linear_probe", "dropout"),
     ("model", "probe_normalize"): ("model", "linear_probe", "normalize"),
     ("model", "probe_init"): ("model", "linear_probe", "init"),
+    ("model", "dualcoop_logit"): ("model", "dualcoop", "logit"),
+    ("model", "dense_mean_token"): ("model", "dualcoop", "mean_token"),
 }
 
 

@@ -88,6 +88,13 @@ def rank_zero_first() -> Iterator[None]:
         dist.barrier()
 
 
+def collective_device() -> torch.device:
+    """Where tensors for a collective live: this process's GPU under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_(x: Tensor) -> Tensor:
     """Sum ``x`` over the ranks in place (identity in a single process); returns ``x``."""
     if is_distributed():

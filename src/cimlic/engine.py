@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cimlic import checkpoint as ckpt
 from cimlic import rundir
-from cimlic.config import Config, TrainConfig, save_config, to_dict
+from cimlic.config import Config, TrainConfig, from_dict, migrate_moved_keys, save_config, to_dict
 from cimlic.data.samplers import build_sampler
 from cimlic.distributed import barrier, resolve_device, seed_everything, shard, world
 from cimlic.errors import ConfigError
@@ -48,6 +48,11 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _summary(metrics: dict | None) -> dict | None:
     return None if metrics is None else {k: metrics.get(k) for k in SUMMARY_KEYS}
+
+
+def _resolved(saved: dict) -> dict:
+    """A saved config in the current layout: moved keys migrated, fields added since at their defaults."""
+    return to_dict(from_dict(Config, migrate_moved_keys(saved)))
 
 
 def _fmt(v: float | None) -> str:
@@ -202,7 +207,7 @@ class Trainer:
         parts = {"loss_main": self.loss_fn(logits, targets, **out.get("loss_inputs", {}))}
         parts.update({f"loss_{k}": v.float() for k, v in out.get("aux_losses", {}).items()})
         loss = torch.stack(list(parts.values())).sum()
-        logged = {f"loss_{k}": v for k, v in getattr(self.loss_fn, "last_parts", {}).items()}  # e.g. LMPT's db/cse
+        logged = {f"loss_{k}": v for k, v in self.loss_fn.last_parts.items()}  # e.g. LMPT's db/cse
         return {"loss": loss, "logits": logits.detach(), **{k: v.detach() for k, v in {**logged, **parts}.items()}}
 
     def evaluate(self, dataset: Dataset, split: str = "test") -> dict:
@@ -288,7 +293,8 @@ class Trainer:
     def _start(self, resumable: bool) -> int:
         """Restore ``state.pt`` (resume) or seed everything (fresh run); write config.yaml; return the first epoch."""
         if resumable:
-            rundir.check_resume_config(self.run_dir / "config.yaml", to_dict(self.cfg), RESUMABLE_CHANGES)
+            rundir.check_resume_config(self.run_dir / "config.yaml", to_dict(self.cfg), RESUMABLE_CHANGES,
+                                       normalise=_resolved)  # fmt: skip
             self._restore(ckpt.load_state(self.run_dir / "state.pt"))
             logger.info("resumed %s after epoch %d (step %d)", self.run_dir, self.epoch, self.step)
         else:

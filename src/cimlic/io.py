@@ -98,14 +98,14 @@ def jsonable(x: Any) -> Any:
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
 
 
-def json_bytes(obj: Any) -> bytes:
-    """Indented UTF-8 JSON of ``obj`` (numpy values and tensors become numbers and lists)."""
-    return (json.dumps(obj, indent=2, default=jsonable) + "\n").encode("utf-8")
+def json_bytes(obj: Any, indent: int | None = 2) -> bytes:
+    """UTF-8 JSON of ``obj`` and a newline (numpy values and tensors become numbers and lists)."""
+    return (json.dumps(obj, indent=indent, default=jsonable) + "\n").encode("utf-8")
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    atomic_write_files([(path, json_bytes(obj))])
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON atomically (``indent=None``: one line)."""
+    atomic_write_files([(path, json_bytes(obj, indent))])
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], metadata: dict | None = None) -> None:
@@ -123,25 +123,37 @@ def save_torch(path: str | os.PathLike, obj: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------- reads
-def read_json(path: str | os.PathLike, error: type[Exception] = CimlicError, what: str = "JSON file") -> Any:
-    """Parsed JSON of ``path``; ``error`` (one line naming the file) when it is missing or malformed."""
+def read_text(path: str | os.PathLike, error: type[Exception] = CimlicError, what: str = "file") -> str:
+    """UTF-8 text of ``path`` (a leading byte-order mark is dropped); ``error`` names the file and the problem."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise error(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise error(f"{path}: unreadable {what}, malformed JSON ({type(err).__name__}: {_first_line(err)})") from None
+    except UnicodeDecodeError as err:
+        raise error(
+            f"{path}: {what} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+            "save it as UTF-8"
+        ) from None
+    except OSError as err:
+        raise error(f"{path}: cannot read {what} ({err.strerror or type(err).__name__})") from None
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = CimlicError, what: str = "JSON file") -> Any:
+    """Parsed JSON of ``path``; ``error`` (one line naming the file) when it is missing, not UTF-8 or malformed."""
+    text = read_text(path, error, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise error(f"{path}: malformed JSON in this {what} ({_first_line(err)})") from None
 
 
 def read_yaml(path: str | os.PathLike, error: type[Exception] = CimlicError, what: str = "YAML file") -> Any:
-    """Parsed YAML of ``path``; ``error`` (one line naming the file) when it is missing or malformed."""
-    path = Path(path)
+    """Parsed YAML of ``path``; ``error`` (one line naming the file) when it is missing, not UTF-8 or malformed."""
+    text = read_text(path, error, what)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise error(f"{path}: {what} not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
         raise error(f"{path}: malformed YAML in this {what} ({type(err).__name__}: {_first_line(err)})") from None
 
 

@@ -79,8 +79,17 @@ def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
         raise ConfigError(f"{what}: {value!r} is not one of {list(choices)}")
 
 
+class Loss(nn.Module):
+    """Base of every loss: ``forward(logits, targets, **extra) -> scalar``; ``last_parts`` holds the named, detached
+    parts of the latest call for logging (``{}`` for a loss of one part; LMPT's ``{"db", "cse"}``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_parts: dict[str, Tensor] = {}
+
+
 # -------------------------------------------------------------------------------------- simple losses
-class _MeanLoss(nn.Module):
+class _MeanLoss(Loss):
     """Element-wise loss reduced as (sum over known entries) / (number of known entries)."""
 
     def __init__(self, partial: bool = True) -> None:
@@ -120,7 +129,7 @@ class FocalLoss(_MeanLoss):
         return _focal_elem(z, y, self.gamma, self.alpha)
 
 
-class AsymmetricLoss(nn.Module):
+class AsymmetricLoss(Loss):
     """ASL (Ridnik et al.): −[y (1−p)^γ+ log p + (1−y) p_m^γ− log(1 − p_m)], p_m = max(p − m, 0).
 
     Logs are clamped at ``eps``. ``reduction="sum"`` (published) returns the sum over known entries,
@@ -181,7 +190,7 @@ class ClassBalancedLoss(_MeanLoss):
 
 
 # ------------------------------------------------------------------------------ distribution-balanced
-class DistributionBalancedLoss(nn.Module):
+class DistributionBalancedLoss(Loss):
     """Distribution-Balanced loss (Wu et al., ECCV 2020); mean over known entries.
 
     Per element: y·w·[2(1−p_t)^2]·log(1+e^{−z'}) + (1−y)·(w/λ)·[2(1−p_t)^2]·log(1+e^{λz'}), with
@@ -342,7 +351,7 @@ class GradBalanceLoss(_MeanLoss):
 
 
 # ------------------------------------------------------------------------------------------------- LMPT
-class ClassSpecificEmbeddingLoss(nn.Module):
+class ClassSpecificEmbeddingLoss(Loss):
     """LMPT's class-specific embedding loss **[our design from the paper's intent]**.
 
     d_ic = 1 − cos(e_i, t_c); positives pay d_ic, negatives relu(m_c − d_ic) with m_c = margin_scale / n_c^{1/4};
@@ -374,7 +383,7 @@ class ClassSpecificEmbeddingLoss(nn.Module):
         return _masked_mean(elem * self.class_weight * self.class_weight.numel(), known)
 
 
-class LMPTLoss(nn.Module):
+class LMPTLoss(Loss):
     """LMPT objective λ·L_DB + (1 − λ)·L_CSE; extra inputs ``caption_emb`` (B, D) and ``prompt_emb`` (C, D).
 
     ``last_parts`` holds the detached parts {"db", "cse"} of the latest call, for logging.
@@ -383,7 +392,6 @@ class LMPTLoss(nn.Module):
     def __init__(self, db: DistributionBalancedLoss, cse: ClassSpecificEmbeddingLoss, lam: float = 0.5) -> None:
         super().__init__()
         self.db, self.cse, self.lam = db, cse, lam
-        self.last_parts: dict[str, Tensor] = {}
 
     def forward(
         self,
@@ -393,7 +401,7 @@ class LMPTLoss(nn.Module):
         prompt_emb: Tensor | None = None,
         **extra: Tensor,
     ) -> Tensor:
-        """Scalar λ·L_DB + (1 − λ)·L_CSE; raises ValueError when the embeddings are missing."""
+        """Scalar λ·L_DB + (1 − λ)·L_CSE; raises ConfigError when the embeddings are missing."""
         if caption_emb is None or prompt_emb is None:
             raise ConfigError(
                 "loss.name=lmpt needs caption_emb (B, D) and prompt_emb (C, D) as extra inputs: train model.name=lmpt "
@@ -444,6 +452,10 @@ _LOSSES: dict[str, Callable[[LossConfig, Counts | None, int | None], nn.Module]]
     "grad_balance": _build_grad_balance,
     "lmpt": _build_lmpt,
 }
+
+
+# loss name -> the extra inputs it needs from the model's forward (``out["loss_inputs"]``)
+LOSS_INPUTS: dict[str, tuple[str, ...]] = {"lmpt": ("caption_emb", "prompt_emb")}
 
 
 def list_losses() -> list[str]:

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from cimlic.data.labels import GROUPS, class_groups
-from cimlic.distributed import all_gather_cat, is_distributed
+from cimlic.distributed import all_gather_cat, collective_device, is_distributed
 from cimlic.errors import CimlicError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -350,7 +349,7 @@ def _all_gather_rows(scores: np.ndarray, targets: np.ndarray) -> tuple[np.ndarra
     """Concatenate (n_r, C) scores/targets of every rank in rank order; unchanged without distributed."""
     if not is_distributed():
         return scores, targets
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = collective_device()
     C = scores.shape[1]
     rows = torch.from_numpy(np.concatenate([scores, targets.astype(np.float64)], axis=1)).to(device)  # (n, 2C)
     full = all_gather_cat(rows).cpu().numpy()

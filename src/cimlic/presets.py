@@ -132,7 +132,7 @@ def preset_overrides(model_name: str, preset: str) -> dict[str, Any]:
     """The ``key -> value`` settings of ``preset`` for the method of ``model_name`` (empty for ``paper``).
 
     Raises:
-        ValueError: unknown preset, or a released preset for a method that has none.
+        ConfigError: unknown preset, or a released preset for a method that has none.
     """
     if preset not in PRESETS:
         raise ConfigError(f"model.preset: {preset!r} is not one of {list(PRESETS)}")

@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cimlic.errors import CimlicError
@@ -23,12 +23,11 @@ class RunDirError(CimlicError, ValueError):
     """A run folder cannot be used as asked (it would overwrite a run, or there is nothing to resume)."""
 
 
-def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> bool:
-    """Check that a run may start in ``run_dir``; return True when it holds a ``state.pt`` to resume from.
+def run_dir_entries(run_dir: str | os.PathLike, resume: bool) -> list[str]:
+    """The names in ``run_dir`` (none when it does not exist) after checking that a run may start or resume there.
 
     Raises:
-        RunDirError: ``run_dir`` is a file; or it is not empty and ``resume`` is False (nothing is ever
-            overwritten); or ``resume`` is True and it holds files but no ``config.yaml`` (not a run folder).
+        RunDirError: ``run_dir`` is a file; or it is not empty and ``resume`` is False (nothing is ever overwritten).
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -39,6 +38,18 @@ def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> bool:
             f"{run_dir}: run folder is not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
             "resume it (--resume) or choose another run name"
         )
+    return entries
+
+
+def check_run_dir(run_dir: str | os.PathLike, resume: bool) -> bool:
+    """Check that a run may start in ``run_dir``; return True when it holds a ``state.pt`` to resume from.
+
+    Raises:
+        RunDirError: see :func:`run_dir_entries`; or ``resume`` is True and the folder holds files but no
+            ``config.yaml`` (not a run folder).
+    """
+    run_dir = Path(run_dir)
+    entries = run_dir_entries(run_dir, resume)
     if resume and entries and "config.yaml" not in entries:
         raise RunDirError(f"{run_dir}: cannot resume, no config.yaml (not a cimlic run folder)")
     has_state = (run_dir / "state.pt").is_file()
@@ -70,13 +81,25 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(path: str | os.PathLike, current: dict, allowed: Sequence[str] = ()) -> None:
+def check_resume_config(
+    path: str | os.PathLike,
+    current: dict,
+    allowed: Sequence[str] = (),
+    normalise: Callable[[dict], dict] | None = None,
+) -> None:
     """Refuse to resume a run whose saved config (``path``) differs from ``current`` outside ``allowed`` keys.
+
+    ``normalise`` brings the saved config to the current layout first (keys that moved, fields added since).
 
     Raises:
         RunDirError: keys (dotted) other than ``allowed`` changed.
     """
     saved = read_yaml(path, RunDirError, "run config") or {}
+    if normalise is not None and isinstance(saved, dict):
+        try:
+            saved = normalise(saved)
+        except CimlicError as err:
+            raise RunDirError(f"{path}: cannot read the run's config ({err})") from None
     old, new = _flatten(saved), _flatten(current)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     blocked = [k for k in changed if k not in allowed]

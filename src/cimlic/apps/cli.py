@@ -13,7 +13,7 @@ from cimlic import __version__
 from cimlic.data.labels import read_classes, read_label_list, write_label_list
 from cimlic.distributed import close_distributed, rank
 from cimlic.errors import CimlicError, ConfigError
-from cimlic.io import atomic_write_text, read_json
+from cimlic.io import read_json, write_json
 
 logger = logging.getLogger("cimlic")
 
@@ -115,7 +115,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{'logits (sigmoid for thresholds)' if logits else 'probabilities'}, AP variant {args.ap}")  # fmt: skip
     print(format_table(result))
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

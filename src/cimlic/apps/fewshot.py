@@ -18,7 +18,7 @@ import numpy as np
 from cimlic.config import Config, ConfigError
 from cimlic.data.labels import LabelSet, read_classes, read_label_list, write_label_list
 from cimlic.io import read_json, write_json
-from cimlic.rundir import RunDirError
+from cimlic.rundir import RunDirError, run_dir_entries
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     f, run_dir = cfg.fewshot, Path(run_dir)
     if not (f.base_labels and f.support_dir and f.test_labels):
         raise ConfigError("fewshot.base_labels, fewshot.support_dir and fewshot.test_labels must be set")
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
+    run_dir_entries(run_dir, resume)  # never into a non-empty folder unless resuming
     summary: dict = {"shots": {}, "protocol": "base + K-shot support, tested on novel-only images"}
     for shots in f.shots:
         maps = []

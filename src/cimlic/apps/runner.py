@@ -20,9 +20,9 @@ from cimlic.data.dataset import ExtraInputsDataset, MultiLabelDataset, default_t
 from cimlic.data.labels import LabelSet, read_classes, read_label_list
 from cimlic.data.splits import carve_validation
 from cimlic.distributed import rank_zero_first
-from cimlic.io import read_json, write_json
+from cimlic.io import write_json
 from cimlic.models import METHODS, Method
-from cimlic.rundir import RunDirError
+from cimlic.rundir import run_dir_entries
 
 logger = logging.getLogger(__name__)
 
@@ -142,15 +142,7 @@ def build_model_for(cfg: Config, classnames: list[str]) -> torch.nn.Module:
 
 def check_clip_identity(run_dir: Path, model: Method) -> None:
     """The frozen weights (CLIP and the method's other frozen parts) must be those the run was trained with."""
-    path = run_dir / "clip.json"
-    if not path.is_file():
-        return
-    saved, now = read_json(path, ckpt.CheckpointError, "CLIP identity file"), model.identity()
-    if not isinstance(saved, dict) or saved.get("digest") != now["digest"]:
-        raise ckpt.CheckpointError(
-            f"{path}: the frozen CLIP weights differ from those this run was trained with "
-            f"(trained on {saved.get('source') or saved.get('arch')}, now {now.get('source') or now.get('arch')})"
-        )
+    ckpt.check_identity(run_dir / "clip.json", model.identity())
 
 
 def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
@@ -168,6 +160,7 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     spec = METHODS.get(cfg.model.name)
     if spec is not None and spec.stages is not None:
         return _train_stages(cfg, spec.stages(cfg, run_dir), run_dir, resume, rank)
+    _check_loss_inputs(cfg)
     splits = load_splits(cfg)
     model = build_model_for(cfg, splits.classnames)
     extras = training_extras(cfg, splits, model)  # before the cache is filled: a bad extra file fails first
@@ -185,10 +178,21 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     return result
 
 
+def _check_loss_inputs(cfg: Config) -> None:
+    """The loss's extra inputs (``losses.LOSS_INPUTS``) must be among those the method provides."""
+    from cimlic.losses import LOSS_INPUTS
+
+    spec = METHODS.get(cfg.model.name)
+    missing = [k for k in LOSS_INPUTS.get(cfg.loss.name, ()) if spec is None or k not in spec.loss_inputs]
+    if spec is not None and missing:
+        givers = " or ".join(name for name, s in METHODS.items() if set(missing) <= set(s.loss_inputs)) or "?"
+        raise ConfigError(f"loss.name={cfg.loss.name} needs {missing} from the model, which model.name="
+                          f"{cfg.model.name} does not provide (use model.name={givers})")  # fmt: skip
+
+
 def _train_stages(cfg: Config, stages: list[tuple[str, Config]], run_dir: Path, resume: bool, rank: int) -> dict:
     """Each (sub-folder, config) in order; a finished stage before the last is kept when resuming."""
-    if not resume and run_dir.is_dir() and any(run_dir.iterdir()):
-        raise RunDirError(f"{run_dir}: run folder is not empty; resume it (--resume) or choose another name")
+    run_dir_entries(run_dir, resume)  # never into a non-empty folder unless resuming
     result: dict = {}
     for i, (name, stage_cfg) in enumerate(stages):
         stage_dir = run_dir / name

@@ -6,7 +6,6 @@ Label conventions follow METHODS §1.1. Every malformed input raises ``LabelFile
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from cimlic.data.labels import LabelFileError, LabelSet
 from cimlic.errors import ConfigError
+from cimlic.io import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -105,13 +105,7 @@ def read_voc(
 
 # ------------------------------------------------------------------------------------------ COCO
 def _load_json(path: Path) -> dict:
-    if not path.is_file():
-        raise LabelFileError(f"{path}: annotation file not found")
-    try:
-        with path.open(encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise LabelFileError(f"{path}: malformed JSON ({err})") from None
+    data = read_json(path, LabelFileError, "annotation file")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data, dict) or not isinstance(data.get(key), list):
             raise LabelFileError(f"{path}: not a COCO instances file (no {key!r} list)")

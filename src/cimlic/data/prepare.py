@@ -6,7 +6,6 @@ Output folder: ``classes.txt``, ``train.txt``, ``test.txt`` (plain label lists),
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from cimlic.data.labels import (
     write_label_list,
 )
 from cimlic.data.splits import build_longtail
-from cimlic.io import atomic_write_text
+from cimlic.io import atomic_write_text, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ def _write_outputs(out: Path, train: LabelSet, test: LabelSet, data_cfg: dict, e
     write_classes(out / "classes.txt", train.classnames)
     write_label_list(out / "train.txt", train)
     write_label_list(out / "test.txt", test)
-    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_json(out / "stats.json", stats)
     atomic_write_text(out / "data.yaml", yaml.safe_dump({"data": data_cfg}, sort_keys=False))
     logger.info("wrote %s: %d train / %d test images", out, len(train), len(test))
     return stats

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cimlic.digits.world import CORPUS_LABEL_COUNTS, CORPUS_STYLE, MAX_CORPUS_BATCH, DigitCorpus, caption
 from cimlic.errors import ConfigError
-from cimlic.io import atomic_write_text, read_json, save_safetensors
+from cimlic.io import read_json, save_safetensors, write_json
 from cimlic.models.clip import TINY_CONFIG_DIR, ClipError, ClipModel, load_clip
 
 logger = logging.getLogger(__name__)
@@ -212,6 +212,6 @@ def pretrain_digits(
         "final_loss": round(float(np.mean(losses[-20:])), 5),  # mean of the last 20 steps
         "losses": [round(v, 5) for v in losses],
     }
-    atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
+    write_json(sidecar, meta, indent=1)
     logger.info("pre-training done in %.1f s, loss %.3f -> %.3f: %s", seconds, losses[0], meta["final_loss"], path)
     return path

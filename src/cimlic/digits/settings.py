@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from cimlic.config import Config, apply_override, from_dict
+from cimlic.errors import ConfigError
+from cimlic.io import read_yaml
 
 # Method name -> config overrides on top of the world's data section and the pre-trained tiny CLIP.
 # Optimisation is scaled to the tiny model (AdamW, higher learning rates than the papers' ViT-B/16 settings; more
@@ -47,7 +47,7 @@ def demo_config(
     world: Path, clip_checkpoint: Path, arch: str, method: str, quick: bool, seed: int, out: Path
 ) -> Config:
     """The config of one demo run: the world's ``data.yaml`` section, the tiny CLIP, the method's overrides."""
-    data = yaml.safe_load((world / "data.yaml").read_text())["data"]
+    data = read_yaml(world / "data.yaml", ConfigError, "world's data config")["data"]
     cfg = from_dict(Config, {"name": f"demo_{method}", "seed": seed, "data": data})
     epochs, stage2 = SIZES[quick]
     common = [

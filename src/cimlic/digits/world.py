@@ -20,7 +20,6 @@ lists (§1.4), captions for LMPT, ``stats.json`` and ``data.yaml`` (the config `
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from cimlic.data.labels import LabelSet, write_classes, write_label_list
 from cimlic.data.splits import build_fewshot_episode, build_longtail, partial_labels, split_base_novel
-from cimlic.io import atomic_write_text
+from cimlic.io import atomic_write_text, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +324,7 @@ def build_digits_world(
     known = _write_partial(out / "partial", train, seed)
     sources = {"halves_seed": HALVES_SEED, "pretrain": pretrain_half.tolist(), "task_train": task_train.tolist(),
                "task_test": task_test.tolist(), "images": used}  # fmt: skip
-    atomic_write_text(out / "sources.json", json.dumps(sources) + "\n")
+    write_json(out / "sources.json", sources, indent=None)
 
     stats = split_stats(train, test, head_threshold, tail_threshold) | {
         "seed": seed,
@@ -341,7 +340,7 @@ def build_digits_world(
         "fewshot": fewshot,
         "partial_known_fraction": known,
     }
-    atomic_write_text(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    write_json(out / "stats.json", stats)
     _write_data_yaml(out, seed, head_threshold, tail_threshold)
     g = stats["groups"]
     logger.info("digits world in %s: train %d (head/medium/tail %d/%d/%d), val %d, test %d images",

@@ -103,8 +103,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, ignore: tuple[str, .
     logger.info("backbone weights loaded from %s", path)
 
 
-def _offline_error(name: str, err: Exception) -> RuntimeError:
-    return RuntimeError(
+def _offline_error(name: str, err: Exception) -> ConfigError:
+    return ConfigError(
         f"backbone {name!r}: cannot download ImageNet weights ({type(err).__name__}: {err}); no network? "
         "Pass a local state-dict file as model.cprfl.backbone_weights instead"
     )
@@ -205,8 +205,8 @@ def build_backbone(name: str, weights: str = "", clip: ClipModel | None = None, 
         image_size: square input size; 0 = CLIP's for ``clip``, 448 (the paper) otherwise.
 
     Raises:
-        ValueError: unknown name (with the valid list), weights that do not fit (naming the file).
-        RuntimeError: ``imagenet`` weights could not be downloaded.
+        ConfigError: unknown name (with the valid list), a weights file that is missing, unreadable or does not fit
+            (naming it), or ``imagenet`` weights that could not be downloaded (no network).
     """
     if name == "clip":
         if clip is None:

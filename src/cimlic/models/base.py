@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from cimlic.cache import parts_digest
+from cimlic.cache import parts_digest, weights_digest
 from cimlic.models.clip import ClipModel
 
 if TYPE_CHECKING:
@@ -46,6 +46,7 @@ class Method(nn.Module):
     """
 
     feature_keys: tuple[str, ...] = ("global",)  # what image_features returns (and the feature cache stores)
+    identity_names: dict[str, str] = {}  # frozen part -> the name its weights are digested under (older runs' name)
 
     def __init__(self, num_classes: int) -> None:
         super().__init__()
@@ -69,12 +70,14 @@ class Method(nn.Module):
         return tuple(f"{name}." for name in self._frozen)
 
     def identity(self) -> dict[str, Any]:
-        """The run's weights identity: every frozen part's source and one digest of all their weights."""
+        """The run's weights identity (``clip.json``): each frozen part's source and digest, and one digest of all."""
+        parts = {self.identity_names.get(name, name): module for name, module in self.frozen_parts().items()}
         clip = self._modules.get("clip")
         return {
-            "arch": getattr(clip, "arch", None),
+            "arch": clip.arch if isinstance(clip, ClipModel) else None,
             "source": " + ".join(f"{name}: {src}" if name != "clip" else src for name, src in self._frozen.items()),
-            "digest": parts_digest(self.frozen_parts()),
+            "digest": parts_digest(parts),
+            "parts": {name: weights_digest(module) for name, module in parts.items()},
         }
 
     def train(self, mode: bool = True) -> Method:
@@ -156,10 +159,13 @@ class MethodSpec:
             by several methods, e.g. ``diversity``); they become fields of ``cimlic.config.ModelConfig``.
         stages: for a method trained as several runs (HP-DVAL's two stages): ``stages(cfg, run_dir)`` returns the
             ordered ``(sub-folder, config)`` of each run (the last one is the method's result); None for one run.
-        summary: one line for ``cimlic train --help`` style listings and the docs.
+        loss_inputs: the ``loss_inputs`` its forward provides (``lmpt``: caption and prompt embeddings); a loss that
+            needs others (``cimlic.losses.LOSS_INPUTS``) is refused before anything is computed.
+        summary: one line for listings and the docs.
     """
 
     build: Builder | None
     sections: Mapping[str, type] = field(default_factory=dict)
     stages: Stages | None = None
+    loss_inputs: tuple[str, ...] = ()
     summary: str = ""

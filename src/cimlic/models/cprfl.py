@@ -13,9 +13,9 @@ The paper:
 The VSI layer's default layout is the released one: no residual connections, bias-free query/key/value
 projections, dropout on the attention output and in the FFN but not on the attention weights; ``vsi_layout=standard``
 gives the projections biases and drops attention weights too (nn.MultiheadAttention's layout, this project's layer
-before it was checked against the released code). Further released-code switches: ``head_dim=512`` (8 heads x 512),
-``train_text=True`` (the released code trains the text encoder); ``model.preset: released`` sets them with the
-released loss (see ``cimlic.presets``).
+before it was checked against the released code). The shipped configs use the released sizes (``head_dim=512``,
+8 heads x 512); ``model.preset: released`` adds ``train_text=True`` (the released code trains the text encoder),
+the released ASL and the one-cycle schedule (see ``cimlic.presets``).
 
 **[our design]**: the pluggable backbone (``cimlic.models.backbones``); ``vsi_path`` / ``dot_path`` detach P where
 it enters the VSI layer / the dot product (the dual-path ablation); the GE/FD diversity module (METHODS §5.6) on P'
@@ -153,6 +153,7 @@ class CPRFL(Method):
     """
 
     feature_keys = ("global", "local")
+    identity_names = {"backbone": "cprfl_backbone"}  # the frozen backbone's name in runs from before 2026-12
 
     def __init__(
         self,

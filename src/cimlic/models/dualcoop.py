@@ -53,9 +53,10 @@ class DualCoOp(FrozenClipMethod):
     Region scores s+-_{r,c} = cos(local_r, t+-_c); the spatial weights softmax_r(tau_s s+_{r,c}) are shared by both
     prompts; logit_c = tau sum_r a_{r,c} s+_{r,c} - tau sum_r a_{r,c} s-_{r,c}. ``ctx_init`` initialises the
     positive context only (the negative one starts at N(0, 0.02)); with ``learn_temps`` tau_s and tau are learned
-    in log space (parameters ``log_tau_s``, ``log_tau``). Released-code switches: ``released_logit`` (the logits
-    carry tau_s * tau, see :func:`dualcoop_aggregate`) and ``mean_token`` (ResNet CLIPs: the attention pool's mean
-    token is one more region, 50 instead of 49; ViT towers have no such token and keep their patch tokens).
+    in log space (parameters ``log_tau_s``, ``log_tau``). Released-code switches (``model.dualcoop.logit: released``
+    and ``model.dualcoop.mean_token``, set by ``model.preset: released``): ``released_logit`` (the logits carry
+    tau_s * tau, see :func:`dualcoop_aggregate`) and ``mean_token`` (ResNet CLIPs: the attention pool's mean token
+    is one more region, 50 instead of 49; ViT towers have no such token and keep their patch tokens).
     """
 
     feature_keys = ("global", "local")

@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cimlic.cache import weights_digest
-from cimlic.checkpoint import CheckpointError, read_checkpoint
+from cimlic.checkpoint import CheckpointError, check_identity, read_checkpoint
 from cimlic.errors import ConfigError
-from cimlic.io import read_json, state_dict_mismatch
+from cimlic.io import state_dict_mismatch
 from cimlic.models.base import Method, MethodSpec
 from cimlic.models.clip import ClipModel, dense_image_features
 from cimlic.models.prompts import PromptLearner, encode_prompts
@@ -211,13 +211,9 @@ def load_stage1_student(student: StudentEncoder, run_dir: str | Path, clip: Clip
         )
         problem = "; ".join(problems)
         raise CheckpointError(f"{tensor_path}: stage-1 student does not fit this model ({stage1}; {problem})")
-    ident = run / "clip.json"
-    if clip is not None and ident.is_file():
-        saved = read_json(ident, CheckpointError, "CLIP identity file")
-        if saved.get("digest") and saved["digest"] != weights_digest(clip):
-            raise CheckpointError(
-                f"{ident}: stage 1 was trained with other CLIP weights ({saved.get('source')}) than {clip.source}"
-            )
+    if clip is not None:  # stage 1's only frozen part was CLIP
+        identity = {"digest": weights_digest(clip), "parts": {"clip": weights_digest(clip)}, "source": clip.source}
+        check_identity(run / "clip.json", identity, "stage 1")
     student.load_state_dict(sub, strict=True)
     logger.info("stage-1 student loaded from %s (epoch %s)", tensor_path, meta.get("epoch"))
     return meta

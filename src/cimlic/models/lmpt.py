@@ -71,4 +71,5 @@ def build(cfg: ModelConfig, classnames: list[str], clip: ClipModel) -> LMPT:
     return LMPT(clip, classnames, cfg.n_ctx, cfg.ctx_init)
 
 
-SPEC = MethodSpec(build, summary="LMPT: class-specific prompts, DB + caption embedding loss (data.captions)")
+SPEC = MethodSpec(build, loss_inputs=("caption_emb", "prompt_emb"),
+                  summary="LMPT: class-specific prompts, DB + caption embedding loss (data.captions)")  # fmt: skip

@@ -285,7 +285,7 @@ class TRMML(FrozenClipMethod):
 
 
 def _check(cfg: TRMMLConfig) -> None:
-    """Raise ValueError on settings that cannot work."""
+    """Raise ConfigError on settings that cannot work."""
     if not 0.0 <= cfg.neg_quantile <= cfg.pos_quantile <= 1.0:
         raise ConfigError(f"TRM-ML: need 0 <= neg_quantile <= pos_quantile <= 1 (got {cfg.neg_quantile}, "
                          f"{cfg.pos_quantile})")  # fmt: skip
