@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from cimlic.data.dataset import MultiLabelDataset
-from cimlic.io import save_safetensors, write_json
+from cimlic.io import clean_stale_temps, ensure_dir, save_safetensors, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def load_or_compute(
         {"global": (N, D), "local": (N, T, D) if ``fn`` returns it}, float32 on the CPU.
     """
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(cache_dir)
+    clean_stale_temps(cache_dir)  # of interrupted writes (a live process's temporary files are left alone)
     key, parts = cache_key(weights_digest(tower), dataset, view)
     path = cache_dir / f"{key}.safetensors"
     if path.is_file():

@@ -1,7 +1,9 @@
 """Experiment configuration: typed nested dataclasses, YAML files and ``--set a.b=v`` overrides.
 
 Two layers only: the dataclass defaults, then one YAML per experiment, then command-line overrides.
-Unknown keys are errors that list the valid keys; values are checked against the field types.
+Unknown keys are errors that list the valid keys; values are checked against the field types, and against the
+allowed ranges a section declares in ``RANGES`` (``">=0"``, ``">0"``, ``"[0, 1)"``, ...) by :func:`validate`, once,
+with the key named: every float must be finite.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ import yaml
 
 from cimlic.errors import ConfigError
 from cimlic.io import read_yaml
+from cimlic.ranges import check_range
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +48,15 @@ class DataConfig:
     head_threshold: int = 100  # classes with n_c >= this are head
     tail_threshold: int = 20  # classes with n_c < this are tail
 
+    RANGES = {"val_fraction": "[0, 1)", "image_size": ">=1", "head_threshold": ">=1", "tail_threshold": ">=1"}
+
 
 @dataclass
 class FocalConfig:
     gamma: float = 2.0  # focusing parameter
     alpha: float = -1.0  # positive-class weight alpha_t; < 0 disables it
+
+    RANGES = {"gamma": ">=0", "alpha": "<=1"}
 
 
 @dataclass
@@ -59,12 +68,16 @@ class ASLConfig:
     detach_focusing: bool = False  # treat the focusing weight as a constant (no gradient through it)
     reduction: Literal["sum", "mean"] = "sum"  # sum as published
 
+    RANGES = {"gamma_neg": ">=0", "gamma_pos": ">=0", "margin": "[0, 1)", "eps": ">0"}
+
 
 @dataclass
 class CBConfig:
     beta: float = 0.9  # class-balanced weight (1-beta)/(1-beta^n_c)
     base: Literal["bce", "focal"] = "bce"  # loss the weight multiplies
     gamma: float = 2.0  # focal gamma when base = focal
+
+    RANGES = {"beta": "[0, 1)", "gamma": ">=0"}
 
 
 @dataclass
@@ -81,6 +94,8 @@ class DBConfig:
     pos_scale: float = 1.0  # constant multiplier of the positive logits z' (HP-DVAL's released DB: 10)
     focal_reduction: Literal["element", "batch"] = "element"  # batch: ONE focal factor per batch (a released bug)
 
+    RANGES = {"alpha": ">=0", "beta": ">=0", "kappa": ">=0", "lam": ">0", "pos_scale": ">0"}
+
 
 @dataclass
 class GradBalanceConfig:
@@ -90,12 +105,16 @@ class GradBalanceConfig:
     alpha: float = 4.0  # positive up-weighting strength
     focal_gamma: float = 2.0  # focal gamma when base = focal
 
+    RANGES = {"alpha": ">=0", "focal_gamma": ">=0"}
+
 
 @dataclass
 class CSEConfig:
     gamma: float = 2.0  # class re-weighting exponent n_c^-gamma
     margin_scale: float = 0.2  # class-aware margin m_c = margin_scale / n_c^(1/4)
     lam: float = 0.5  # total = lam * L_DB + (1 - lam) * L_CSE
+
+    RANGES = {"gamma": ">=0", "margin_scale": ">=0", "lam": "[0, 1]"}
 
 
 @dataclass
@@ -117,6 +136,8 @@ class SamplerConfig:
     num_groups: int = 0  # group sampler: 0 = head/medium/tail groups, G > 0 = G quantile groups
     num_samples: int = 0  # draws per epoch; 0 = the sampler's default length
 
+    RANGES = {"per_class": ">=1", "num_groups": ">=0", "num_samples": ">=0"}
+
 
 @dataclass
 class EvalConfig:
@@ -126,6 +147,8 @@ class EvalConfig:
     top_k: int = 0  # also report top-k threshold metrics when > 0
     select_on: Literal["val", "test"] = "val"  # model selection split; "test" only as a labelled option
     ap_scores: Literal["logits", "class_softmax"] = "logits"  # AP ranking; class_softmax: the released LMPT eval
+
+    RANGES = {"threshold": "[0, 1]", "top_k": ">=0"}
 
 
 @dataclass
@@ -143,6 +166,8 @@ class ModelCommon:
     n_ctx: int = 16  # CoOp, DualCoOp (positive prompts), LMPT: number of learnable context vectors
     ctx_init: str = ""  # CoOp family: initialise the context from these words ("a photo of a"); empty = N(0, 0.02)
     csc: bool = False  # CoOp, DualCoOp: class-specific contexts (True) or one shared context (False)
+
+    RANGES = {"n_ctx": ">=1"}
 
 
 def _model_config() -> type:
@@ -194,6 +219,10 @@ class TrainConfig:
     cache_dir: str = ".cimlic_cache"  # where cached image features live (reused across runs)
     augment: bool = False  # random-resized-crop + flip on training images (disables the feature cache)
 
+    RANGES = {"epochs": ">=0", "max_steps": ">=0", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+              "momentum": "[0, 1)", "warmup_steps": ">=0", "onecycle_pct": "(0, 1]", "grad_clip": ">=0",
+              "ema": "[0, 1)", "num_workers": ">=0", "eval_every": ">=1", "log_every": ">=1"}  # fmt: skip
+
 
 @dataclass
 class FewShotConfig:
@@ -204,6 +233,8 @@ class FewShotConfig:
     test_labels: str = ""  # test images with novel labels only (test_novel.txt); mAP is over the novel classes
     shots: list[int] = field(default_factory=lambda: [1, 5])  # K values
     episodes: int = 10  # episodes per K (mean ± std reported)
+
+    RANGES = {"shots": ">=1", "episodes": ">=1"}
 
 
 @dataclass
@@ -323,12 +354,56 @@ def apply_override(cfg: Any, item: str) -> None:
                 try:
                     value = yaml.safe_load(raw) if raw.strip() else ""
                 except yaml.YAMLError as err:
-                    raise ConfigError(f"override {key!r}: cannot parse value {raw!r} ({err})") from None
+                    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise ConfigError(f"override {key!r}: cannot parse value {raw!r} ({reason})") from None
             setattr(target, part, _check_value(value, types_[part], where))
         else:
             target = getattr(target, part)
             if not dataclasses.is_dataclass(target):
                 raise ConfigError(f"override {key!r}: {where} is not a section")
+
+
+def validate(cfg: Any, where: str = "") -> None:
+    """Check every section's ``RANGES``, that every float is finite, and the settings that need a look across fields.
+
+    Raises:
+        ConfigError: naming the first key whose value is not allowed.
+    """
+    ranges = getattr(type(cfg), "RANGES", {})
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            validate(value, key)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        elif f.name in ranges:
+            check_range(value, ranges[f.name], key)
+    if isinstance(cfg, Config):
+        _validate_across(cfg)
+
+
+def _validate_across(cfg: Config) -> None:
+    d = cfg.data
+    try:
+        d.image_pattern.format(id="x")
+    except (KeyError, IndexError, ValueError, AttributeError):
+        raise ConfigError(f"data.image_pattern: {d.image_pattern!r} may only use the placeholder {{id}}") from None
+    bad = [t for t in cfg.model.templates if not _one_slot(t)]
+    if bad:
+        raise ConfigError(f"model.templates: {bad} need exactly one '{{}}' slot for the class name")
+    if d.tail_threshold > d.head_threshold:
+        raise ConfigError(f"data.tail_threshold ({d.tail_threshold}) must not exceed data.head_threshold "
+                          f"({d.head_threshold})")  # fmt: skip
+    if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.train.device):
+        raise ConfigError(f"train.device: {cfg.train.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
+
+
+def _one_slot(template: str) -> bool:
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return template.count("{}") == 1
 
 
 def _moved(parts: list[str], where: str) -> list[str]:
@@ -392,6 +467,8 @@ def load_config(
             raise ConfigError(f"{path or 'config'}: {err}") from None
         for item in overrides or []:  # --set wins over the preset
             apply_override(cfg, item)
+    if isinstance(cfg, Config):
+        validate(cfg)
     return cfg
 
 

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from cimlic.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -129,9 +131,17 @@ def resolve_device(spec: str) -> torch.device:
     """``auto`` -> this process's GPU if CUDA is available, else the CPU; ``cuda`` -> LOCAL_RANK's GPU."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device(spec)
+    try:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if spec == "cuda" else torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device: {spec!r} is not a device (auto, cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec}: CUDA is not available on this machine (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={spec}: MPS is not available on this machine (use auto or cpu)")
+    return device
 
 
 def shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:

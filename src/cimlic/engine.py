@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from cimlic import checkpoint as ckpt
 from cimlic import rundir
-from cimlic.config import Config, TrainConfig, from_dict, migrate_moved_keys, save_config, to_dict
+from cimlic.config import Config, TrainConfig, from_dict, migrate_moved_keys, save_config, to_dict, validate
 from cimlic.data.samplers import build_sampler
 from cimlic.distributed import barrier, resolve_device, seed_everything, shard, world
 from cimlic.errors import ConfigError
@@ -121,6 +121,7 @@ class Trainer:
         run_dir: str | os.PathLike,
         sampler: Sampler | None = None,
     ) -> None:
+        validate(cfg)  # ranges and finite numbers, the key named (load_config has done it for a file)
         self.cfg, self.run_dir, self.classnames = cfg, Path(run_dir), list(classnames)
         self.group_counts = None if group_counts is None else np.asarray(group_counts).astype(np.int64).tolist()
         self.datasets = {"train": train_set, "val": val_set, "test": test_set}

@@ -8,9 +8,13 @@ temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
+import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,76 @@ from cimlic.errors import CimlicError
 
 
 # ------------------------------------------------------------------------------------------ writes
+class WriteError(CimlicError, OSError):
+    """A file or folder could not be written (full disk, read-only file system, no permission, a file in the way)."""
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _write_failure(err: BaseException, folder: Path) -> str | None:
+    """Why a file writer failed when the file system is the cause (full, read-only, ...), else None (a bug).
+
+    torch.save and safetensors raise their own errors for a full disk; the operating system's error is then in the
+    exception chain, or the file system itself says it is full or read-only.
+    """
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return _reason(seen)
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    if st.f_flag & os.ST_RDONLY:
+        return os.strerror(errno.EROFS)
+    if st.f_bavail * st.f_frsize < 1 << 20:  # under 1 MiB left: the writer ran out of space
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def ensure_dir(path: str | os.PathLike) -> Path:
+    """Create ``path`` (and its parents) if needed; WriteError naming it when that is impossible."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise WriteError(f"{path}: cannot create the folder ({_reason(err)})") from None
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` (its name carries this process's id); removed unless renamed away."""
+    ensure_dir(path.parent)
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.pid{os.getpid()}.", suffix=TEMP_SUFFIX)
+    except OSError as err:
+        raise WriteError(f"{path}: cannot write ({_reason(err)})") from None
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)  # gone after a successful rename; removed after a failure
+
+
+def _finish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
 
 
 @contextlib.contextmanager
@@ -35,20 +105,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed over ``path`` when the block succeeds, else removed.
 
     For writers that want a file name (``safetensors.save_file``, ``torch.save``): nothing is held in memory twice.
+    A failure of the file system (full disk, read-only, ...) becomes a :class:`WriteError` naming ``path``; the old
+    ``path``, if any, is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only a failed write leaves it
+    with _temp_beside(path) as tmp:
+        try:
+            yield tmp
+            _finish(tmp, path)
+            os.replace(tmp, path)
+        except Exception as err:
+            reason = None if isinstance(err, WriteError) else _write_failure(err, path.parent)
+            if reason is None:
+                raise
+            raise WriteError(f"{path}: cannot write ({reason})") from None
 
 
 def atomic_write_files(items: Sequence[tuple[str | os.PathLike, bytes]]) -> None:
@@ -56,25 +126,94 @@ def atomic_write_files(items: Sequence[tuple[str | os.PathLike, bytes]]) -> None
     with contextlib.ExitStack() as stack:
         temps = []
         for path, data in items:
-            tmp = stack.enter_context(_held_temp(Path(path)))
-            tmp.write_bytes(data)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            temps.append((tmp, Path(path)))
+            path = Path(path)
+            tmp = stack.enter_context(_temp_beside(path))
+            try:
+                tmp.write_bytes(data)
+                _finish(tmp, path)
+            except OSError as err:
+                raise WriteError(f"{path}: cannot write ({_reason(err)})") from None
+            temps.append((tmp, path))
         for tmp, path in temps:
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as err:
+                raise WriteError(f"{path}: cannot write ({_reason(err)})") from None
 
 
-@contextlib.contextmanager
-def _held_temp(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(name, 0o666 & ~_umask())
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append UTF-8 ``text`` to ``path`` (a log; not atomic by nature); WriteError naming it on failure."""
+    path = Path(path)
     try:
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)  # gone after a successful rename; removed after a failure
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as err:
+        raise WriteError(f"{path}: cannot write ({_reason(err)})") from None
+
+
+OUTPUT_MARKER = ".cimlic-output.json"  # in every data folder a cimlic command writes (see claim_output_folder)
+
+
+def claim_output_folder(folder: str | os.PathLike, command: str) -> Path:
+    """Make ``folder`` the output folder of ``command``: it must be new, empty or an earlier cimlic output.
+
+    A folder holding files cimlic did not write (a user's own ``train.txt``, ...) is refused, so nothing the user
+    had is overwritten; the marker file ``.cimlic-output.json`` says the folder is cimlic's from then on. Left-over
+    temporary files of interrupted writes are removed.
+
+    Raises:
+        WriteError: the folder holds other files, or cannot be created.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise WriteError(f"{folder}: exists and is not a folder")
+    marker = folder / OUTPUT_MARKER
+    if folder.is_dir() and not marker.is_file():
+        entries = sorted(p.name for p in folder.iterdir())
+        if entries:
+            raise WriteError(
+                f"{folder}: the folder holds files cimlic did not write ({', '.join(entries[:4])}"
+                f"{', ...' if len(entries) > 4 else ''}); choose a new or empty folder"
+            )
+    ensure_dir(folder)
+    clean_stale_temps(folder)
+    write_json(marker, {"command": command})
+    return folder
+
+
+def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files of interrupted writes in ``folder``: those of processes no longer running.
+
+    A temporary file is ``.<name>.pid<N>.<random>.tmp`` (see :func:`atomic_path`); one of a live process (a
+    concurrent write) is left alone. Temporary files of the earlier naming (no pid) go when older than an hour.
+    Returns the files removed.
+    """
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
+        match = re.search(r"\.pid(\d+)\.", tmp.name)
+        try:
+            stale = not process_alive(int(match.group(1))) if match else time.time() - tmp.stat().st_mtime > 3600
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            continue  # gone already, or not ours to remove
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """True when a process with this id runs on this machine (or exists but belongs to another user)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -118,8 +257,8 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Tensor], met
 
 def save_torch(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` ``obj`` atomically (streamed to the temporary file; keep it weights_only-loadable)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a Python file: a full disk raises OSError in the chain
+        torch.save(obj, fh)
 
 
 # ------------------------------------------------------------------------------------------- reads
@@ -180,7 +319,12 @@ def load_tensor_file(path: str | os.PathLike, error: type[Exception] = CimlicErr
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt zip, truncated file, a pickle with code (refused by weights_only), ...
+    except pickle.UnpicklingError as err:
+        if "global" in str(err).lower():  # weights_only refused a pickled object that is not a plain tensor
+            raise error(f"{path}: not a plain tensor file (it holds other pickled Python objects): refused, not "
+                        "unpickled") from None  # fmt: skip
+        raise error(f"{path}: not a readable {what} (damaged, or not a file of tensors)") from None
+    except Exception as err:  # corrupt zip, truncated file, ...
         raise error(f"{path}: not a readable {what} ({type(err).__name__}: {_first_line(err)})") from None
 
 

@@ -10,17 +10,115 @@ import contextlib
 import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from cimlic.distributed import all_gather_objects, rank
 from cimlic.errors import CimlicError
-from cimlic.io import atomic_write_files, jsonable, read_yaml
+from cimlic.io import (
+    WriteError,
+    append_text,
+    atomic_write_files,
+    clean_stale_temps,
+    ensure_dir,
+    jsonable,
+    process_alive,
+    read_yaml,
+)
 
 logger = logging.getLogger(__name__)
 
 
 class RunDirError(CimlicError, ValueError):
     """A run folder cannot be used as asked (it would overwrite a run, or there is nothing to resume)."""
+
+
+LOCK_FILE = ".lock"  # in a run folder while a command uses it (see run_lock)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike, command: str, required: bool = True) -> Iterator[None]:
+    """Hold ``run_dir``'s lock for the block: a second command on the same run folder is refused meanwhile.
+
+    The lock is the file ``.lock`` with the owner's pid, host and command, created atomically (O_EXCL). A lock whose
+    process is gone (on this host) is stale and taken over, with a warning. Under torch.distributed rank 0 holds it
+    and every rank gets the same answer (a collective: every rank must enter). ``required=False`` (a command that
+    only reads, like ``eval``) goes on without the lock where the folder cannot be written at all.
+
+    Raises:
+        RunDirError: the folder is in use by another live process.
+        WriteError: the lock cannot be created (a read-only folder, a full disk) and ``required``.
+    """
+    run_dir = Path(run_dir)
+    held, problem, created = False, None, not run_dir.exists()
+    if rank() == 0:
+        try:
+            held = _acquire(run_dir, command)
+        except RunDirError as err:
+            problem = str(err)
+        except WriteError as err:
+            if required:
+                problem = str(err)
+            else:
+                logger.warning("%s; going on without the lock (nothing can be written there)", err)
+    problems = [p for p in all_gather_objects(problem) if p]
+    if problems:
+        raise RunDirError(problems[0])
+    try:
+        yield
+    finally:
+        if held:
+            (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()  # a command that failed before writing anything leaves no empty folder behind
+
+
+def _acquire(run_dir: Path, command: str) -> bool:
+    ensure_dir(run_dir)
+    path = run_dir / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": time.strftime("%c")}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is None:
+                continue  # released meanwhile, or unreadable and removed: try again
+            pid, host = owner.get("pid"), owner.get("host")
+            if host != me["host"] or (isinstance(pid, int) and process_alive(pid)):
+                raise RunDirError(
+                    f"{run_dir}: in use by process {pid} on {host} ({owner.get('command')}, since "
+                    f"{owner.get('since')}); wait for it, or remove {path} if that process is gone"
+                ) from None
+            logger.warning("%s: taking over the lock of process %s, which is gone", run_dir, pid)
+            path.unlink(missing_ok=True)
+            continue
+        except OSError as err:
+            raise WriteError(f"{path}: cannot create the run folder's lock ({err.strerror or err})") from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(me) + "\n")
+        except OSError as err:
+            path.unlink(missing_ok=True)
+            raise WriteError(f"{path}: cannot write the run folder's lock ({err.strerror or err})") from None
+        return True
+    raise RunDirError(f"{run_dir}: could not take the lock {path}; is another command starting on this folder?")
+
+
+def _lock_owner(path: Path) -> dict | None:
+    """The owner record of a lock file; None when it is gone (a malformed one is removed as stale)."""
+    try:
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        owner = None
+    if not isinstance(owner, dict):
+        path.unlink(missing_ok=True)
+        return None
+    return owner
 
 
 def run_dir_entries(run_dir: str | os.PathLike, resume: bool) -> list[str]:
@@ -32,7 +130,8 @@ def run_dir_entries(run_dir: str | os.PathLike, resume: bool) -> list[str]:
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir}: exists and is not a folder")
-    entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+    clean_stale_temps(run_dir)  # left by an interrupted write (the lock makes the folder ours)
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
     if not resume and entries:
         raise RunDirError(
             f"{run_dir}: run folder is not empty ({', '.join(entries[:4])}{', ...' if len(entries) > 4 else ''}); "
@@ -111,16 +210,26 @@ def check_resume_config(
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line to ``path``."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=jsonable) + "\n")
+    append_text(path, json.dumps(record, default=jsonable) + "\n")
+
+
+class _LogFile(logging.FileHandler):
+    """log.txt: a record that cannot be written (full disk) is dropped without a traceback on stderr; the run's
+    next checkpoint write then fails with a one-line error naming the file."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging.Handler API)
+        self.failed = True
 
 
 @contextlib.contextmanager
 def log_to_file(path: str | os.PathLike) -> Iterator[None]:
     """Copy the ``cimlic`` logger's records (INFO and above) to ``path`` while the context is open."""
     pkg = logging.getLogger("cimlic")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    ensure_dir(Path(path).parent)
+    try:
+        handler = _LogFile(path, encoding="utf-8")
+    except OSError as err:
+        raise WriteError(f"{path}: cannot write ({err.strerror or err})") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     old_level = pkg.level

@@ -13,13 +13,41 @@ from cimlic import __version__
 from cimlic.data.labels import read_classes, read_label_list, write_label_list
 from cimlic.distributed import close_distributed, rank
 from cimlic.errors import CimlicError, ConfigError
-from cimlic.io import read_json, write_json
+from cimlic.io import WriteError, claim_output_folder, jsonable, read_json, write_json
+from cimlic.ranges import check_range
 
 logger = logging.getLogger("cimlic")
 
-# what a command reports as one line (exit 2): the project's own errors and a missing file the user named;
-# anything else is a bug and keeps its traceback
-USER_ERRORS = (CimlicError, FileNotFoundError)
+# what a command reports as one line (exit 2): the project's own errors, and the operating system's (a missing file
+# the user named, a full disk, a read-only folder, no permission); anything else is a bug and keeps its traceback
+USER_ERRORS = (CimlicError, OSError)
+
+
+# the allowed values of numeric flags, checked once before a command runs (the flag named)
+FLAG_RANGES = {"n_max": ">=0", "n_min": ">=1", "shape": ">0", "shots": ">=1", "episodes": ">=1", "known": "(0, 1]",
+               "threshold": "[0, 1]", "max_images": ">=0", "steps": ">=0"}  # fmt: skip
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """ConfigError naming the flag when a numeric flag is out of its range (``FLAG_RANGES``) or not finite."""
+    for name, spec in FLAG_RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            check_range(value, spec, f"--{name.replace('_', '-')}")
+
+
+def one_line(err: BaseException) -> str:
+    """The message of a user error on one line: the file and the problem.
+
+    An error raised in a DataLoader worker arrives wrapped in the worker's traceback (PyTorch re-raises it with the
+    same type): only its original last line is kept. An OS error names its file.
+    """
+    text = str(err).strip()
+    if "Original Traceback" in text:  # the worker's last line: "<module>.<Class>: <message>"
+        text = text.splitlines()[-1].removeprefix(f"{type(err).__module__}.{type(err).__qualname__}: ")
+    elif isinstance(err, OSError) and not isinstance(err, CimlicError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or text}"
+    return " ".join(text.split())
 
 
 # ------------------------------------------------------------------------------------------ split
@@ -47,7 +75,7 @@ def cmd_split_fewshot(args: argparse.Namespace) -> int:
     classes = read_classes(args.classes)
     names = FEWSHOT_NOVEL[args.novel] if args.novel in FEWSHOT_NOVEL else [s.strip() for s in args.novel.split(",")]
     novel = resolve_classes(names, classes, source=f"--novel {args.novel}")
-    out = Path(args.out)
+    out = claim_output_folder(args.out, "cimlic split fewshot")
     for split, path in (("train", args.labels), ("test", args.test)):
         if not path:
             continue
@@ -82,6 +110,7 @@ def cmd_split_partial(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from cimlic.data.prepare import group_table, prepare_coco_full, prepare_coco_lt, prepare_voc07, prepare_voc_lt
 
+    claim_output_folder(args.out, f"cimlic prepare {args.dataset}")  # before the (long) reading: fail first
     if args.dataset == "voc07":
         stats = prepare_voc07(args.voc2007, args.out, args.difficult, not args.no_image_check)
     elif args.dataset == "coco2014":
@@ -142,11 +171,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from cimlic.apps.runner import eval_run
+    from cimlic.apps.runner import evaluate_run
     from cimlic.metrics import format_table
+    from cimlic.rundir import run_lock
 
-    result = eval_run(args.run, args.split, args.ap)
-    print(format_table(result))
+    with run_lock(args.run, "eval", required=False):  # not while another command trains or evaluates there
+        result, out = evaluate_run(args.run, args.split, args.ap)
+        print(format_table(result))
+        try:
+            write_json(out, result)
+        except WriteError as err:  # the metrics are not lost: they go to stdout
+            print(json.dumps(result, default=jsonable))
+            raise WriteError(f"{err}; the metrics are printed above as JSON") from None
+    print(f"wrote {out}")
     return 0
 
 
@@ -387,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("cimlic").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
+        check_flags(args)
         if args.command == "prepare":
             need = {"voc-lt": ("voc2012", "voc2007"), "voc07": ("voc2007",)}.get(args.dataset, ("coco",))
             missing = [f"--{n}" for n in need if not getattr(args, n)]
@@ -396,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.verbose:
             raise
-        print(f"cimlic: error: {err}", file=sys.stderr)
+        print(f"cimlic: error: {one_line(err)}", file=sys.stderr)
         return 2
     finally:
         close_distributed()

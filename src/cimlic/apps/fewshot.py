@@ -18,7 +18,7 @@ import numpy as np
 from cimlic.config import Config, ConfigError
 from cimlic.data.labels import LabelSet, read_classes, read_label_list, write_label_list
 from cimlic.io import read_json, write_json
-from cimlic.rundir import RunDirError, run_dir_entries
+from cimlic.rundir import RunDirError, run_dir_entries, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,15 @@ def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     f, run_dir = cfg.fewshot, Path(run_dir)
     if not (f.base_labels and f.support_dir and f.test_labels):
         raise ConfigError("fewshot.base_labels, fewshot.support_dir and fewshot.test_labels must be set")
-    run_dir_entries(run_dir, resume)  # never into a non-empty folder unless resuming
+    with run_lock(run_dir, "fewshot"):
+        run_dir_entries(run_dir, resume)  # never into a non-empty folder unless resuming
+        summary = _episodes(cfg, run_dir, resume, train_run)
+        write_json(run_dir / "fewshot.json", summary)
+    return summary
+
+
+def _episodes(cfg: Config, run_dir: Path, resume: bool, train_run) -> dict:
+    f = cfg.fewshot
     summary: dict = {"shots": {}, "protocol": "base + K-shot support, tested on novel-only images"}
     for shots in f.shots:
         maps = []
@@ -73,7 +81,6 @@ def run_fewshot(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
             maps.append(result["map"])
             logger.info("%d-shot episode %d: novel mAP %.2f", shots, episode, result["map"])
         summary["shots"][str(shots)] = {"episodes": maps, "mean": float(np.mean(maps)), "std": float(np.std(maps))}
-    write_json(run_dir / "fewshot.json", summary)
     return summary
 
 

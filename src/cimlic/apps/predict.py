@@ -120,6 +120,8 @@ def predict_run(
     fmt = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl"}.get(out.suffix.lower())
     if fmt is None:
         raise ConfigError(f"{out}: output must end in .jsonl or .csv")
+    if out.is_dir():
+        raise ConfigError(f"{out}: --out names a folder; give a .jsonl or .csv file")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
     files = collect_images(inputs)

@@ -22,7 +22,7 @@ from cimlic.data.splits import carve_validation
 from cimlic.distributed import rank_zero_first
 from cimlic.io import write_json
 from cimlic.models import METHODS, Method
-from cimlic.rundir import run_dir_entries
+from cimlic.rundir import run_dir_entries, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -151,15 +151,22 @@ def train_run(cfg: Config, run_dir: str | Path, resume: bool = False) -> dict:
     A method trained in stages (``MethodSpec.stages``, e.g. ``model.name: hpdval``) runs each stage into its own
     sub-folder of ``run_dir``.
     """
-    from cimlic.distributed import init_distributed, resolve_device
-    from cimlic.engine import Trainer
-    from cimlic.losses import build_loss
+    from cimlic.distributed import init_distributed
 
     run_dir = Path(run_dir)
     rank, _ = init_distributed()
-    spec = METHODS.get(cfg.model.name)
-    if spec is not None and spec.stages is not None:
-        return _train_stages(cfg, spec.stages(cfg, run_dir), run_dir, resume, rank)
+    with run_lock(run_dir, "train --resume" if resume else "train"):  # one command per run folder at a time
+        spec = METHODS.get(cfg.model.name)
+        if spec is not None and spec.stages is not None:
+            return _train_stages(cfg, spec.stages(cfg, run_dir), run_dir, resume, rank)
+        return _train_one(cfg, run_dir, resume, rank)
+
+
+def _train_one(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dict:
+    from cimlic.distributed import resolve_device
+    from cimlic.engine import Trainer
+    from cimlic.losses import build_loss
+
     _check_loss_inputs(cfg)
     splits = load_splits(cfg)
     model = build_model_for(cfg, splits.classnames)
@@ -224,7 +231,17 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict]:
         raise FileNotFoundError(f"{run_dir / 'config.yaml'}: not a run folder (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", apply_preset=False)  # resolved: the preset's values are in it
     _, meta = ckpt.read_checkpoint(run_dir / "best")
-    model = build_model_for(cfg, list(meta["classnames"]))
+    names = meta.get("classnames")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ckpt.CheckpointError(f"{run_dir / 'best.json'}: no list of class names ('classnames')")
+    if cfg.data.classes and Path(cfg.data.classes).is_file():  # the run's own class list, when it is still there
+        own = read_classes(cfg.data.classes)
+        if own != names:
+            raise ckpt.CheckpointError(
+                f"{run_dir / 'best.json'}: the checkpoint was trained on {len(names)} classes {names[:3]}..., "
+                f"not on the run's class list {cfg.data.classes} ({len(own)} classes {own[:3]}...)"
+            )
+    model = build_model_for(cfg, list(names))
     check_clip_identity(run_dir, model)
     ckpt.load_checkpoint(run_dir / "best", model, classnames=meta["classnames"])
     return cfg, model, meta
@@ -232,6 +249,14 @@ def load_run(run_dir: str | Path) -> tuple[Config, torch.nn.Module, dict]:
 
 def eval_run(run_dir: str | Path, split: str = "test", ap: str | None = None) -> dict:
     """Evaluate a run's selected checkpoint on ``split`` (``cimlic eval``); writes ``eval_<split>_<ap>.json``."""
+    result, out = evaluate_run(run_dir, split, ap)
+    write_json(out, result)
+    logger.info("wrote %s", out)
+    return result
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", ap: str | None = None) -> tuple[dict, Path]:
+    """(metrics of a run's selected checkpoint on ``split``, the file they belong in); writes nothing."""
     from cimlic.distributed import resolve_device
     from cimlic.engine import evaluate_logits, forward_all
 
@@ -248,7 +273,4 @@ def eval_run(run_dir: str | Path, split: str = "test", ap: str | None = None) ->
     logits, targets = forward_all(model.to(device), dataset, cfg.train, device, len(splits.classnames))
     result = evaluate_logits(logits, targets, cfg, splits.classnames, splits.group_counts)
     result |= {"split": split, "checkpoint_epoch": meta.get("epoch")}
-    out = run_dir / f"eval_{split}_{cfg.eval.ap}.json"
-    write_json(out, result)
-    logger.info("wrote %s", out)
-    return result
+    return result, run_dir / f"eval_{split}_{cfg.eval.ap}.json"

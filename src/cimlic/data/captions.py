@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cimlic.errors import ConfigError
+from cimlic.io import read_text
 
 
 def read_captions(path: str | Path, ids: list[str]) -> list[str]:
@@ -13,7 +14,7 @@ def read_captions(path: str | Path, ids: list[str]) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: captions file not found")
     table: dict[str, str] = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path, ConfigError, "captions file").splitlines(), 1):
         if not line.strip() or line.startswith("#"):
             continue
         if "\t" not in line:

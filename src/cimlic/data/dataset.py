@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
@@ -27,15 +28,46 @@ class ImageFileError(CimlicError, OSError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an RGB image, or raise ``ImageFileError`` naming the file and the problem."""
+    """Open and fully decode an image as 8-bit RGB, or raise ``ImageFileError`` naming the file and the problem.
+
+    Every PIL mode is brought to 8 bits per channel by its own range, not clipped: 16-bit grey (``I;16*``) by
+    /257, 32-bit integer (``I``) and float (``F``) images by the range their values use, palette images with
+    transparency through RGBA; CMYK, grey and alpha modes through PIL's conversion. An image that claims more
+    pixels than PIL's decompression-bomb limit is refused before it is decoded.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageFileError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces a full decode, so truncated files fail here
+            return to_rgb(im)  # a full decode, so truncated files fail here
+    except Image.DecompressionBombError as err:
+        raise ImageFileError(f"{path}: refused, the image claims too many pixels ({err})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImageFileError(f"{path}: cannot decode image ({err})") from None
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB of any PIL image, scaling high-bit-depth modes by their range (see :func:`load_image`)."""
+    if im.mode.startswith("I;16"):
+        grey = np.rint(np.asarray(im, dtype=np.float64) / 257.0)  # 65535 -> 255, v * 257 -> v
+        return Image.fromarray(grey.astype(np.uint8)).convert("RGB")
+    if im.mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        if im.mode == "F" and top <= 1.0:
+            scale = 255.0  # floats in [0, 1]
+        elif top <= 255.0:
+            scale = 1.0  # already 8-bit values
+        elif top <= 65535.0 and im.mode == "I":
+            scale = 1.0 / 257.0  # 16-bit values held as 32-bit integers
+        else:
+            scale = 255.0 / top
+        grey = np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
 
 
 def default_transform(

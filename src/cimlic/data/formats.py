@@ -6,6 +6,7 @@ Label conventions follow METHODS §1.1. Every malformed input raises ``LabelFile
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from cimlic.data.labels import LabelFileError, LabelSet
 from cimlic.errors import ConfigError
-from cimlic.io import read_json
+from cimlic.io import read_json, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def read_voc(
     set_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
     if not set_file.is_file():
         raise LabelFileError(f"{set_file}: image-set file not found")
-    ids = [ln.split()[0] for ln in set_file.read_text().splitlines() if ln.strip()]
+    ids = [ln.split()[0] for ln in read_text(set_file, LabelFileError, "image-set file").splitlines() if ln.strip()]
     if not ids:
         raise LabelFileError(f"{set_file}: lists no image")
     index = {n: i for i, n in enumerate(classnames)}
@@ -143,7 +144,8 @@ def read_coco(
         names = list(classnames)
     if not names:
         raise LabelFileError(f"{path}: no category")
-    images = [im for im in images if min(int(im.get("width", 0)), int(im.get("height", 0))) >= min_side]
+    all_ids = {int(im["id"]) for im in images}
+    images = [im for im in images if _shorter_side(im, path) >= min_side]
     row_of = {int(im["id"]): r for r, im in enumerate(images)}
     targets = np.zeros((len(images), len(names)), dtype=np.int8)
     for ann in data["annotations"]:
@@ -155,11 +157,24 @@ def read_coco(
             raise LabelFileError(f"{path}: malformed annotation {ann.get('id', '?')} ({err!r})") from None
         if cat not in cat_index:
             raise LabelFileError(f"{path}: annotation {ann.get('id', '?')} has unknown category id {cat}")
+        if img not in all_ids:
+            raise LabelFileError(f"{path}: annotation {ann.get('id', '?')} is for image id {img}, not in 'images'")
         if img in row_of and area > 0 and w >= 1 and h >= 1:
             targets[row_of[img], cat_index[cat]] = 1
     ids = [Path(str(im.get("file_name", f"{int(im['id']):012d}.jpg"))).stem for im in images]
     files = {i: str(im.get("file_name", f"{i}.jpg")) for i, im in zip(ids, images, strict=True)}
     return LabelSet(ids, targets, names, source=str(path)), files
+
+
+def _shorter_side(image: dict, path: Path) -> float:
+    """min(width, height) of a COCO image entry; LabelFileError naming the image id when they are not numbers."""
+    try:
+        return min(float(image.get("width", 0)), float(image.get("height", 0)))
+    except (TypeError, ValueError):
+        raise LabelFileError(
+            f"{path}: image {image.get('id', '?')} has a non-numeric width or height "
+            f"({image.get('width')!r} x {image.get('height')!r})"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------- CSV
@@ -170,21 +185,21 @@ def read_csv_labels(path: str | os.PathLike, classnames: Sequence[str], sep: str
         raise LabelFileError(f"{path}: CSV file not found")
     index = {n: i for i, n in enumerate(classnames)}
     ids, rows = [], []
-    with path.open(newline="", encoding="utf-8") as fh:
-        for lineno, rec in enumerate(csv.reader(fh), 1):
-            if not rec or not "".join(rec).strip() or rec[0].lstrip().startswith("#"):
-                continue
-            if lineno == 1 and rec[0].strip().lower() in ("path", "image", "image_id", "file"):
-                continue
-            if len(rec) > 2:
-                raise LabelFileError(f"{path}:{lineno}: expected 'path,label{sep}label', got {len(rec)} fields")
-            row = np.zeros(len(classnames), dtype=np.int8)
-            for name in filter(None, (s.strip() for s in (rec[1] if len(rec) > 1 else "").split(sep))):
-                if name not in index:
-                    raise LabelFileError(f"{path}:{lineno}: unknown class name {name!r}; valid: {list(classnames)}")
-                row[index[name]] = 1
-            ids.append(rec[0].strip())
-            rows.append(row)
+    text = read_text(path, LabelFileError, "CSV file")
+    for lineno, rec in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+        if not rec or not "".join(rec).strip() or rec[0].lstrip().startswith("#"):
+            continue
+        if lineno == 1 and rec[0].strip().lower() in ("path", "image", "image_id", "file"):
+            continue
+        if len(rec) > 2:
+            raise LabelFileError(f"{path}:{lineno}: expected 'path,label{sep}label', got {len(rec)} fields")
+        row = np.zeros(len(classnames), dtype=np.int8)
+        for name in filter(None, (s.strip() for s in (rec[1] if len(rec) > 1 else "").split(sep))):
+            if name not in index:
+                raise LabelFileError(f"{path}:{lineno}: unknown class name {name!r}; valid: {list(classnames)}")
+            row[index[name]] = 1
+        ids.append(rec[0].strip())
+        rows.append(row)
     if not ids:
         raise LabelFileError(f"{path}: no image in CSV")
     return LabelSet(ids, np.stack(rows), list(classnames), source=str(path))

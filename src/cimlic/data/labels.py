@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from cimlic.errors import CimlicError
-from cimlic.io import atomic_write_text
+from cimlic.io import atomic_write_text, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def read_classes(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise LabelFileError(f"{path}: class file not found")
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    names = [ln.strip() for ln in read_text(path, LabelFileError, "class file").splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
         raise LabelFileError(f"{path}: class file lists no class")
@@ -153,33 +153,32 @@ def read_label_list(path: str | os.PathLike, classnames: Sequence[str], allow_em
     ids: list[str] = []
     rows: list[np.ndarray] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.rstrip("\n").rstrip("\r")
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            if "\t" in line:
-                cols = line.split("\t")
-                if len(cols) > 3:
-                    raise LabelFileError(f"{path}:{lineno}: expected at most 3 TAB-separated columns, got {len(cols)}")
-                image_id = cols[0].strip()
-                pos = _parse_indices(cols[1], C, path, lineno) if len(cols) > 1 else []
-                unk = _parse_indices(cols[2], C, path, lineno) if len(cols) > 2 else []
-            else:
-                toks = line.split()
-                image_id, pos, unk = toks[0], _parse_indices(" ".join(toks[1:]), C, path, lineno), []
-            if not image_id:
-                raise LabelFileError(f"{path}:{lineno}: empty image id")
-            if image_id in seen:
-                raise LabelFileError(f"{path}:{lineno}: image id {image_id!r} repeats line {seen[image_id]}")
-            if set(pos) & set(unk):
-                raise LabelFileError(f"{path}:{lineno}: a class is both positive and unknown")
-            seen[image_id] = lineno
-            row = np.zeros(C, dtype=np.int8)
-            row[pos] = 1
-            row[unk] = -1
-            ids.append(image_id)
-            rows.append(row)
+    for lineno, raw in enumerate(read_text(path, LabelFileError, "label list").split("\n"), 1):
+        line = raw.rstrip("\r")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if "\t" in line:
+            cols = line.split("\t")
+            if len(cols) > 3:
+                raise LabelFileError(f"{path}:{lineno}: expected at most 3 TAB-separated columns, got {len(cols)}")
+            image_id = cols[0].strip()
+            pos = _parse_indices(cols[1], C, path, lineno) if len(cols) > 1 else []
+            unk = _parse_indices(cols[2], C, path, lineno) if len(cols) > 2 else []
+        else:
+            toks = line.split()
+            image_id, pos, unk = toks[0], _parse_indices(" ".join(toks[1:]), C, path, lineno), []
+        if not image_id:
+            raise LabelFileError(f"{path}:{lineno}: empty image id")
+        if image_id in seen:
+            raise LabelFileError(f"{path}:{lineno}: image id {image_id!r} repeats line {seen[image_id]}")
+        if set(pos) & set(unk):
+            raise LabelFileError(f"{path}:{lineno}: a class is both positive and unknown")
+        seen[image_id] = lineno
+        row = np.zeros(C, dtype=np.int8)
+        row[pos] = 1
+        row[unk] = -1
+        ids.append(image_id)
+        rows.append(row)
     if not ids and not allow_empty:
         raise LabelFileError(f"{path}: no image in label list")
     targets = np.stack(rows) if rows else np.zeros((0, C), dtype=np.int8)
@@ -213,7 +212,7 @@ def read_id_list(path: str | os.PathLike) -> list[str]:
     if not path.is_file():
         raise LabelFileError(f"{path}: id list not found")
     ids = []
-    for ln in path.read_text(encoding="utf-8").splitlines():
+    for ln in read_text(path, LabelFileError, "id list").splitlines():
         if ln.strip() and not ln.lstrip().startswith("#"):
             ids.append(ln.split()[0])
     if not ids:

@@ -22,7 +22,7 @@ from cimlic.data.labels import (
     write_label_list,
 )
 from cimlic.data.splits import build_longtail
-from cimlic.io import atomic_write_text, write_json
+from cimlic.io import atomic_write_text, claim_output_folder, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def check_images(root: Path, ids: Sequence[str], pattern: str) -> None:
 
 def _write_outputs(out: Path, train: LabelSet, test: LabelSet, data_cfg: dict, extra: dict) -> dict:
     stats = split_stats(train, test) | extra
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_folder(out, "cimlic prepare")
     write_classes(out / "classes.txt", train.classnames)
     write_label_list(out / "train.txt", train)
     write_label_list(out / "test.txt", test)

@@ -82,6 +82,9 @@ def build_longtail(
     """
     if len(pool) == 0:
         raise SplitError(f"{pool.source}: the pool has no image")
+    if not shape > 0 or n_min < 1 or n_max < n_min:
+        raise SplitError(f"long-tail split needs shape > 0 and 1 <= n_min <= n_max (got shape {shape}, "
+                         f"n_min {n_min}, n_max {n_max})")  # fmt: skip
     pos = pool.targets == 1
     C = pool.num_classes
     empty = [pool.classnames[c] for c in range(C) if not pos[:, c].any()]

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from cimlic.digits.world import CORPUS_LABEL_COUNTS, CORPUS_STYLE, MAX_CORPUS_BATCH, DigitCorpus, caption
 from cimlic.errors import ConfigError
-from cimlic.io import read_json, save_safetensors, write_json
+from cimlic.io import ensure_dir, read_json, save_safetensors, write_json
 from cimlic.models.clip import TINY_CONFIG_DIR, ClipError, ClipModel, load_clip
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def pretrain_digits(
     start = time.perf_counter()
     losses = train_contrastive(clip, recipe, seed, progress)
     seconds = time.perf_counter() - start
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(path.parent)
     save_safetensors(path, {k: v.detach() for k, v in clip.model.state_dict().items()}, metadata={"format": "pt"})
     meta = {
         "command": command,

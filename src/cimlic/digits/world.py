@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 
 from cimlic.data.labels import LabelSet, write_classes, write_label_list
 from cimlic.data.splits import build_fewshot_episode, build_longtail, partial_labels, split_base_novel
-from cimlic.io import atomic_write_text, write_json
+from cimlic.io import atomic_write_text, claim_output_folder, ensure_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -289,11 +289,12 @@ def build_digits_world(
     Returns:
         The statistics written to ``stats.json``.
     """
+    claim_output_folder(out_dir, f"cimlic digits --seed {seed}")
     from cimlic.data.prepare import split_stats
 
     out = Path(out_dir)
     image_dir = out / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(image_dir)
     _, digit_labels = load_digit_images()
     pretrain_half, task_half = digit_halves()
     task_train, task_test = (task_half[i] for i in stratified_split(digit_labels[task_half], 2 / 3, seed))

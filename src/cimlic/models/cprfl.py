@@ -70,6 +70,9 @@ class CPRFLConfig:
     vsi_path: bool = True  # gradient reaches P through the VSI layer (False = P detached at the VSI input)
     dot_path: bool = True  # gradient reaches P through the final dot product (False = P detached there)
 
+    RANGES = {"image_size": ">=0", "dim": ">=0", "pi_hidden": ">=0", "heads": ">=1", "head_dim": ">=0", "ffn": ">=1",
+              "vsi_dropout": "[0, 1)"}  # fmt: skip
+
 
 class VSILayer(nn.Module):
     """One pre-norm Transformer-encoder layer whose residual connections can be switched off.

@@ -18,6 +18,8 @@ class DiversityConfig:
     heads: int = 4  # attention heads of the cross-category self-attention (must divide the token width)
     dropout: float = 0.1  # dropout on the attention output before the residual connection
 
+    RANGES = {"heads": ">=1", "dropout": "[0, 1)"}
+
 
 class DiversityModule(nn.Module):
     """The C category-specific features pass through one self-attention layer *across categories*.

@@ -32,6 +32,8 @@ class DualCoOpConfig:
     logit: Literal["paper", "released"] = "paper"  # released: tau_s * tau * sum_r a s (tau_s reused: 100x)
     mean_token: bool = False  # ResNet CLIPs: the attention pool's mean token as one more region (released: 50)
 
+    RANGES = {"n_ctx_neg": ">=1", "tau_s": ">0", "tau": ">0"}
+
 
 def dualcoop_aggregate(
     s_pos: Tensor, s_neg: Tensor, tau_s: float | Tensor, tau: float | Tensor, released: bool = False

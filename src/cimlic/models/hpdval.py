@@ -80,6 +80,9 @@ class HPDVALConfig:
     stage2_epochs: int = 10  # model.name=hpdval (both stages in one run): epochs of stage 2 (stage 1: train.epochs)
     stage2_lr: float = 5e-6  # model.name=hpdval: peak learning rate of stage 2 (stage 1: train.lr)
 
+    RANGES = {"alpha": "[0, 1]", "topk": ">=1", "n_ctx": ">=1", "kd_weight": ">=0", "sc_weight": ">=0",
+              "logit_scale": ">=0", "stage2_epochs": ">=0", "stage2_lr": ">0"}  # fmt: skip
+
 
 STAGES = ("stage1", "stage2", "joint")
 STUDENT_RUNS = ("hpdval_stage1", "hpdval_joint")  # run kinds whose student stage 2 can start from

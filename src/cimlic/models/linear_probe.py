@@ -24,6 +24,8 @@ class LinearProbeConfig:
     normalize: bool = True  # L2-normalise the image feature first
     init: Literal["random", "zeroshot"] = "random"  # start from PyTorch's init or at exactly zero-shot CLIP
 
+    RANGES = {"dropout": "[0, 1)"}
+
 
 class LinearProbe(FrozenClipMethod):
     """A linear classifier on the frozen global image feature (optionally L2-normalised, with dropout)."""

@@ -20,9 +20,17 @@ def prompt_classname(name: str) -> str:
 def _check_templates(templates: Sequence[str]) -> None:
     if not templates:
         raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
-    bad = [t for t in templates if "{}" not in t]
+    bad = [t for t in templates if "{}" not in t or not _formats(t)]
     if bad:
-        raise ConfigError(f"prompt templates need a '{{}}' slot for the class name: {bad}")
+        raise ConfigError(f"prompt templates need exactly one '{{}}' slot for the class name: {bad}")
+
+
+def _formats(template: str) -> bool:
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return template.count("{}") == 1
 
 
 @torch.no_grad()

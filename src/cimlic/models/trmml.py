@@ -64,6 +64,10 @@ class TRMMLConfig:
     pos_quantile: float = 0.9  # pseudo-positive: q >= this quantile of the class's known-positive q
     neg_quantile: float = 0.1  # pseudo-negative: q < this quantile of the class's known-positive q
 
+    RANGES = {"dim": ">=0", "heads": ">=1", "mlp_ratio": ">0", "dropout": "[0, 1)", "logit_scale": ">=0",
+              "contrastive_weight": ">=0", "contrastive_temp": ">0", "proto_momentum": "[0, 1)", "warmup_epochs": ">=0",
+              "pos_quantile": "[0, 1]", "neg_quantile": "[0, 1]"}  # fmt: skip
+
 
 def region_text_nce(regions: Tensor, text: Tensor, targets: Tensor, temp: float) -> Tensor:
     """Region-to-text InfoNCE: mean over known positives (i, c) of -log softmax_k(cos(r_ic, t_k) / temp)[c]."""
