@@ -352,6 +352,10 @@ def test_checkpoint_of_other_classes_and_missing_classnames(glyph_data, tmp_path
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["eval", "--run", str(run)]) == 2
     assert "best.json: the checkpoint was trained on" in _error(capsys)
+    other.write_text("\n".join(classes[:-1]) + "\n")  # one class fewer: named, not a shape traceback
+    assert main(["eval", "--run", str(run)]) == 2
+    line = _error(capsys)
+    assert f"trained on {len(classes)} classes" in line and f"({len(classes) - 1} classes" in line
     meta = json.loads((run / "best.json").read_text())
     del meta["classnames"]
     (run / "best.json").write_text(json.dumps(meta))
