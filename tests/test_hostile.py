@@ -319,7 +319,7 @@ def test_yaml_errors_and_pickles_are_one_line(glyph_data, tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: [1,\n  lr: 2\n")
     assert main(["train", "--config", str(bad)]) == 2
-    assert "bad.yaml: malformed YAML" in _error(capsys)
+    assert "bad.yaml: malformed YAML in this config file (line 4, column 1: expected ',' or ']'" in _error(capsys)
     assert main(["train", "--config", str(_config(tmp_path, glyph_data)), "--set", "train.lr=[1,"]) == 2
     assert "cannot parse value" in _error(capsys)
 

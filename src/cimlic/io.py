@@ -293,7 +293,15 @@ def read_yaml(path: str | os.PathLike, error: type[Exception] = CimlicError, wha
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise error(f"{path}: malformed YAML in this {what} ({type(err).__name__}: {_first_line(err)})") from None
+        raise error(f"{path}: malformed YAML in this {what} ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """'line L, column C: <problem>' of a YAML error (1-based, where the parser stopped), else its first line."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return f"{type(err).__name__}: {_first_line(err)}"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _first_line(err: BaseException) -> str:
