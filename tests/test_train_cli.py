@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from cimlic.apps.cli import main
+from cimlic.calibration import Calibration
 from cimlic.data.labels import read_classes, read_label_list
 from cimlic.models import METHODS
 from glyphs import build_world
@@ -74,7 +75,8 @@ def test_train_eval_predict(model, world, tmp_path, capsys):
 
 
 def test_predict_matches_eval_logits(world, tmp_path):
-    """Scores written by predict equal sigmoid of the logits the evaluator used (same transform, same weights)."""
+    """Scores written by predict are the run's calibration of the logits the evaluator used (same transform, same
+    weights); with no calibration.json, sigmoid of them."""
     import torch
 
     from cimlic.apps.runner import build_datasets, load_run, load_splits
@@ -91,6 +93,12 @@ def test_predict_matches_eval_logits(world, tmp_path):
     logits, _ = forward_all(model, test, cfg.train, resolve_device("cpu"), 8)
     out = tmp_path / "p.csv"
     files = [str(world / "images" / f"{i}.png") for i in splits.test.ids[:5]]
+    assert main(["predict", "--run", str(run), *files, "--out", str(out)]) == 0
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    probs = np.array([[float(v) for v in r[2:]] for r in rows])
+    cal = Calibration.load(run / "calibration.json")
+    np.testing.assert_allclose(probs, cal.probabilities(logits[:5].numpy()), atol=1e-5)
+    (run / "calibration.json").unlink()
     assert main(["predict", "--run", str(run), *files, "--out", str(out)]) == 0
     rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
     probs = np.array([[float(v) for v in r[2:]] for r in rows])

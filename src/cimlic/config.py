@@ -1,6 +1,7 @@
 """Experiment configuration: typed nested dataclasses, YAML files and ``--set a.b=v`` overrides.
 
-Two layers only: the dataclass defaults, then one YAML per experiment, then command-line overrides.
+Layers: the dataclass defaults, then the experiment's YAML file(s) (merged in order), then ``model.preset``, then
+command-line overrides.
 Unknown keys are errors that list the valid keys; values are checked against the field types, and against the
 allowed ranges a section declares in ``RANGES`` (``">=0"``, ``">0"``, ``"[0, 1)"``, ...) by :func:`validate`, once,
 with the key named: every float must be finite.
@@ -16,6 +17,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,9 @@ from cimlic.io import read_yaml
 from cimlic.ranges import check_range
 
 logger = logging.getLogger(__name__)
+
+
+LOG_SINKS = ("jsonl", "tensorboard")  # train.log: where the training scalars are written
 
 
 # ------------------------------------------------------------------------------------------- schema
@@ -147,8 +152,11 @@ class EvalConfig:
     top_k: int = 0  # also report top-k threshold metrics when > 0
     select_on: Literal["val", "test"] = "val"  # model selection split; "test" only as a labelled option
     ap_scores: Literal["logits", "class_softmax"] = "logits"  # AP ranking; class_softmax: the released LMPT eval
+    calibrate: bool = True  # after training: calibrated probabilities and per-class thresholds chosen on val
+    threshold_rule: Literal["f1", "precision"] = "f1"  # per-class thresholds: best F1, or best recall at a precision
+    target_precision: float = 0.9  # the precision asked for with threshold_rule: precision
 
-    RANGES = {"threshold": "[0, 1]", "top_k": ">=0"}
+    RANGES = {"threshold": "[0, 1]", "top_k": ">=0", "target_precision": "(0, 1]"}
 
 
 @dataclass
@@ -215,6 +223,7 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader workers
     eval_every: int = 1  # evaluate on the validation split every N epochs
     log_every: int = 10  # write a metrics.jsonl line every N steps
+    log: list[str] = field(default_factory=lambda: ["jsonl"])  # where scalars go: jsonl (always), tensorboard
     cache_features: bool = True  # frozen image towers: read image features from the on-disk cache
     cache_dir: str = ".cimlic_cache"  # where cached image features live (reused across runs)
     augment: bool = False  # random-resized-crop + flip on training images (disables the feature cache)
@@ -394,6 +403,10 @@ def _validate_across(cfg: Config) -> None:
     if d.tail_threshold > d.head_threshold:
         raise ConfigError(f"data.tail_threshold ({d.tail_threshold}) must not exceed data.head_threshold "
                           f"({d.head_threshold})")  # fmt: skip
+    unknown_sinks = sorted(set(cfg.train.log) - set(LOG_SINKS))
+    if unknown_sinks or "jsonl" not in cfg.train.log:
+        raise ConfigError(f"train.log: {cfg.train.log} must list jsonl (resume and reports read metrics.jsonl) and "
+                          f"may add {[s for s in LOG_SINKS if s != 'jsonl']}")  # fmt: skip
     if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.train.device):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
 
@@ -435,27 +448,30 @@ def migrate_moved_keys(data: dict, where: str = "config") -> dict:
 
 
 def load_config(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     overrides: list[str] | None = None,
     cls: type = None,
     apply_preset: bool = True,
 ) -> Any:
-    """Defaults, then the YAML file (if any), then ``model.preset``'s values, then ``a.b=v`` overrides.
+    """Defaults, then the YAML file(s) (if any), then ``model.preset``'s values, then ``a.b=v`` overrides.
 
-    The preset (``cimlic.presets``; ``paper`` sets nothing) is applied after the file and before the overrides, so
-    ``--set`` wins over it. ``apply_preset=False`` reads a resolved config (a run folder's ``config.yaml``) as is.
+    Several files are merged in order, key by key (a later file's value wins; sections merge), e.g. a method's
+    config and the ``data.yaml`` that ``cimlic import`` wrote. The preset (``cimlic.presets``; ``paper`` sets
+    nothing) is applied after the files and before the overrides, so ``--set`` wins over it. ``apply_preset=False``
+    reads a resolved config (a run folder's ``config.yaml``) as is.
     """
     cls = cls or Config
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        data = read_yaml(path, ConfigError, "config file") or {}
+    paths = [] if path is None else [path] if isinstance(path, str | os.PathLike) else list(path)
+    merged: dict = {}
+    for p in map(Path, paths):
+        data = read_yaml(p, ConfigError, "config file") or {}
         try:
-            cfg = from_dict(cls, migrate_moved_keys(data, str(path)) if isinstance(data, dict) else data)
+            from_dict(cls, migrate_moved_keys(data, str(p)) if isinstance(data, dict) else data)  # this file's keys
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
-    else:
-        cfg = cls()
+            raise ConfigError(f"{p}: {err}") from None
+        merged = _merge(merged, data)
+    path = ", ".join(map(str, paths)) or None
+    cfg = from_dict(cls, merged) if paths else cls()
     for item in overrides or []:
         apply_override(cfg, item)
     if apply_preset and isinstance(cfg, Config) and cfg.model.preset != "paper":
@@ -470,6 +486,14 @@ def load_config(
     if isinstance(cfg, Config):
         validate(cfg)
     return cfg
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys: nested mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:

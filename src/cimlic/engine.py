@@ -141,6 +141,8 @@ class Trainer:
         steps = len(self.train_loader) * cfg.train.epochs if self.params else 0
         self.total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps > 0 else steps
         self.step, self.epoch, self._tic = 0, 0, (time.perf_counter(), 0)
+        self.test_scores: tuple[Tensor, Tensor] | None = None  # after fit: the tested split's logits and targets
+        self._scalars = rundir.ScalarLog(self.run_dir, cfg.train.log)  # metrics.jsonl (+ TensorBoard)
         self.best: dict[str, Any] = {"map": -math.inf, "epoch": None, "metrics": None}
         if test_set is None and val_set is None:
             raise ConfigError("Trainer needs a test or a validation split to evaluate on")
@@ -162,7 +164,7 @@ class Trainer:
         """
         resumable = rundir.check_run_dir(self.run_dir, resume) and resume
         barrier()  # every rank has looked at the folder before rank 0 writes to it
-        with self._file_logging():
+        with self._file_logging(), contextlib.closing(self._scalars):
             start = self._start(resumable)
             epochs = self.cfg.train.epochs if self.optimizer is not None else 0  # nothing trainable: test only
             for epoch in range(start, epochs):
@@ -216,8 +218,12 @@ class Trainer:
 
         A collective under DDP: each rank scores a contiguous block of the dataset, the Evaluator gathers them.
         """
+        return self._evaluate(dataset, split)[0]
+
+    def _evaluate(self, dataset: Dataset, split: str) -> tuple[dict, tuple[Tensor, Tensor]]:
+        """(``evaluate``'s metrics, this rank's (n_r, C) logits and targets)."""
         logits, targets = self._forward_all(shard(dataset, self.rank, self.world_size))  # (n_r, C) each
-        return evaluate_logits(logits, targets, self.cfg, self.classnames, self.group_counts)
+        return evaluate_logits(logits, targets, self.cfg, self.classnames, self.group_counts), (logits, targets)
 
     # ------------------------------------------------------------------------------ loop helpers
     def _default_sampler(self, train_set: Dataset) -> Sampler | None:
@@ -297,6 +303,7 @@ class Trainer:
             rundir.check_resume_config(self.run_dir / "config.yaml", to_dict(self.cfg), RESUMABLE_CHANGES,
                                        normalise=_resolved)  # fmt: skip
             self._restore(ckpt.load_state(self.run_dir / "state.pt"))
+            self._scalars.purge_step = self.step + 1  # TensorBoard drops what was logged after state.pt, as jsonl
             logger.info("resumed %s after epoch %d (step %d)", self.run_dir, self.epoch, self.step)
         else:
             seed_everything(self.cfg.seed)
@@ -350,7 +357,7 @@ class Trainer:
         if self.ema is not None:
             self.ema = EMA(self.model, self.ema.decay)  # the model now holds the selected (EMA) weights
         split = "test" if self.datasets["test"] is not None else "val"  # no test list: report the val split
-        test = self.evaluate(self.datasets[split], split)
+        test, self.test_scores = self._evaluate(self.datasets[split], split)  # the scores: this rank's block
         selected_on = self.cfg.eval.select_on if self.datasets[self.cfg.eval.select_on] is not None else "last_epoch"
         result = {**test, "split": split, "selected_epoch": self.best["epoch"], "selected_on": selected_on}
         result["selection"] = self.best["metrics"]
@@ -374,7 +381,7 @@ class Trainer:
 
     def _write_jsonl(self, record: dict) -> None:
         if self.rank == 0:
-            rundir.append_jsonl(self.run_dir / "metrics.jsonl", record)
+            self._scalars.write(record)
 
     def _file_logging(self) -> contextlib.AbstractContextManager:
         return rundir.log_to_file(self.run_dir / "log.txt") if self.rank == 0 else contextlib.nullcontext()

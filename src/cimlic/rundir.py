@@ -242,3 +242,48 @@ def log_to_file(path: str | os.PathLike) -> Iterator[None]:
         pkg.removeHandler(handler)
         handler.close()
         pkg.setLevel(old_level)
+
+
+class ScalarLog:
+    """Where a run's scalars go (``train.log``): ``metrics.jsonl`` always, and with ``tensorboard`` the same scalars
+    through TensorBoard's writer into ``<run>/tensorboard`` (tags ``train/<key>`` for the logged steps and epoch
+    counters, ``<split>/<key>`` for evaluations, at the optimiser step).
+
+    Args:
+        run_dir: the run folder.
+        sinks: ``train.log``; ``tensorboard`` needs the ``tensorboard`` package (``pip install 'cimlic[tensorboard]'``).
+
+    Attributes:
+        purge_step: set when a run resumes (the step after its ``state.pt``): TensorBoard then drops the events an
+            interrupted run had written at or after it, as ``metrics.jsonl`` is trimmed to the steps up to state.pt.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, sinks: Sequence[str] = ("jsonl",)) -> None:
+        self.path, self.purge_step = Path(run_dir) / "metrics.jsonl", None
+        self.tensorboard, self._writer = "tensorboard" in sinks, None
+        if self.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401 (needs the tensorboard package)
+            except ImportError:
+                raise RunDirError("train.log lists tensorboard, but the tensorboard package is not installed: "
+                                  "pip install 'cimlic[tensorboard]'") from None  # fmt: skip
+
+    def write(self, record: dict) -> None:
+        """Append ``record`` (``step``, ``epoch``, optional ``split``, numbers) to every sink."""
+        append_jsonl(self.path, record)
+        if not self.tensorboard:
+            return
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self.purge_step)
+        prefix = record.get("split", "train")
+        for key, value in record.items():
+            if key not in ("step", "epoch", "split") and isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(f"{prefix}/{key}", value, global_step=int(record["step"]))
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -25,7 +25,8 @@ USER_ERRORS = (CimlicError, OSError)
 
 # the allowed values of numeric flags, checked once before a command runs (the flag named)
 FLAG_RANGES = {"n_max": ">=0", "n_min": ">=1", "shape": ">0", "shots": ">=1", "episodes": ">=1", "known": "(0, 1]",
-               "threshold": "[0, 1]", "max_images": ">=0", "steps": ">=0"}  # fmt: skip
+               "threshold": "[0, 1]", "max_images": ">=0", "steps": ">=0", "top_k": ">=0", "batch_size": ">=1",
+               "target_precision": "(0, 1]", "head": ">=1", "tail": ">=1"}  # fmt: skip
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -127,6 +128,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from cimlic.data.prepare import format_split_table, prepare_tagged
+
+    stats = prepare_tagged(args.source, args.images, args.out, args.format, args.classes, args.sep, args.split,
+                           args.seed, args.strict, args.head, args.tail)  # fmt: skip
+    print(format_split_table(stats))
+    print(f"wrote {args.out}: classes.txt, {', '.join(f'{n}.txt' for n in stats['images'] if n != 'total')}, "
+          f"stats.json, data.yaml (train with --config {Path(args.out) / 'data.yaml'})")  # fmt: skip
+    return 0
+
+
 # --------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cimlic.metrics import evaluate, format_table, read_scores
@@ -190,10 +202,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cimlic.apps.predict import predict_run
 
-    summary = predict_run(args.run, args.inputs, args.out, args.threshold, args.thresholds)
-    print(f"wrote {summary['out']}: {summary['scored']} image(s) scored, {len(summary['failed'])} unreadable")
+    summary = predict_run(args.run, args.inputs, args.out, args.threshold, args.thresholds, args.top_k,
+                          args.batch_size, args.html)  # fmt: skip
+    print(f"wrote {summary['out']}: {summary['scored']} image(s) scored, {len(summary['failed'])} unreadable; "
+          f"{'calibrated probabilities' if summary['calibrated'] else 'sigmoid(logit)'}, thresholds from "
+          f"{summary['thresholds']}")  # fmt: skip
+    if summary["html"]:
+        print(f"wrote {summary['html']}")
     for item in summary["failed"]:
         print(f"  skipped {item['error']}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cimlic.apps.calibrate import calibrate_run
+
+    result = calibrate_run(args.run, args.rule, args.target_precision)
+    tuned = result["tuned_thresholds"]
+    print(f"wrote {result['calibration']}" + ("" if tuned is None else
+          f"; test at these thresholds: CF1 {tuned['cf1']:.2f}, OF1 {tuned['of1']:.2f} (CP {tuned['cp']:.2f}, "
+          f"CR {tuned['cr']:.2f})"))  # fmt: skip
+    if result["flagged"]:
+        print(f"  {len(result['flagged'])} class(es) flagged in the file: {', '.join(result['flagged'][:8])}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cimlic.apps.export import export_run
+
+    info = export_run(args.run, args.format, args.out)
+    print(f"wrote {info['path']} ({info['format']}, {len(info['classes'])} classes; probabilities equal the run's "
+          f"to {info['max_difference']:.1e}) with tagger.json, classes.txt and README.md")  # fmt: skip
     return 0
 
 
@@ -333,6 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True)
     pr.set_defaults(func=cmd_prepare)
 
+    im = sub.add_parser("import", help="your own tagged images to label lists: CSV, one-hot CSV, metadata.jsonl, "
+                        "VOC XML, COCO JSON; checked, split (stratified)")  # fmt: skip
+    im.add_argument("source", help="the label file (.csv, .jsonl, .json) or a folder of VOC XML files")
+    im.add_argument("--images", required=True, help="the folder the image paths are relative to")
+    im.add_argument("--out", required=True, help="output folder (new or empty)")
+    im.add_argument("--format", default="auto", choices=["auto", "tags", "onehot", "hf", "voc", "coco"],
+                    help="tags: path,tag;tag | onehot: path,class_a,... with 0/1 | hf: metadata.jsonl")  # fmt: skip
+    im.add_argument("--classes", help="class list (one per line): fixes the order, needed for class indices")
+    im.add_argument("--sep", help="tag separator of a tags CSV (default: ';' if used, else whitespace)")
+    im.add_argument("--split", type=float, nargs="+", default=[0.7, 0.1, 0.2], metavar="F",
+                    help="train [val] test fractions: 1, 2 or 3 numbers summing to 1 (0.7 0.1 0.2)")  # fmt: skip
+    im.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
+    im.add_argument("--strict", action="store_true", help="an unreadable image is an error (default: listed, left out)")
+    im.add_argument("--head", type=int, default=100, help="head classes: n_c >= this (stats.json)")
+    im.add_argument("--tail", type=int, default=20, help="tail classes: n_c < this (stats.json)")
+    im.set_defaults(func=cmd_import)
+
     ev = sub.add_parser("evaluate", help="evaluate a score matrix with the long-tailed protocol")
     ev.add_argument("--scores", required=True, help="(N, C) .npy/.csv, rows in label-list order")
     ev.add_argument("--labels", required=True, help="test label list")
@@ -347,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     tr = sub.add_parser("train", help="train and test a model from a config (torchrun for several GPUs)")
-    tr.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    tr.add_argument("--config", required=True, action="append", help="experiment YAML (see configs/); repeat to "
+                    "merge several in order, e.g. a method's config and an import's data.yaml")  # fmt: skip
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     tr.add_argument("--run-dir", help="run folder (default runs/<name>)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
@@ -362,25 +419,42 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("predict", help="labels with scores for new images")
     pd.add_argument("--run", required=True, help="run folder")
     pd.add_argument("inputs", nargs="+", help="image files or folders")
-    pd.add_argument("--threshold", type=float, default=0.5, help="probability threshold for every class")
-    pd.add_argument("--thresholds", help="JSON {class name: threshold} (overrides --threshold per class)")
+    pd.add_argument("--threshold", type=float, help="one probability threshold for every class (default: the run's "
+                    "per-class thresholds, calibration.json)")  # fmt: skip
+    pd.add_argument("--thresholds", help="JSON {class name: threshold} (overrides some classes' thresholds)")
+    pd.add_argument("--top-k", type=int, default=0, help="at most the K highest-scoring labels per image (0 = all)")
+    pd.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    pd.add_argument("--html", help="also write an HTML gallery (thumbnails, labels, scores) here")
     pd.add_argument("--out", required=True, help="predictions .jsonl or .csv")
     pd.set_defaults(func=cmd_predict)
 
+    ca = sub.add_parser("calibrate", help="choose a run's per-class thresholds on its validation split again")
+    ca.add_argument("--run", required=True, help="run folder")
+    ca.add_argument("--rule", choices=["f1", "precision"], help="f1: best F1 per class (default: the run's rule)")
+    ca.add_argument("--target-precision", type=float, help="the largest recall at this precision (rule precision)")
+    ca.set_defaults(func=cmd_calibrate)
+
+    ex = sub.add_parser("export", help="the run as one ONNX or TorchScript model (image -> probabilities)")
+    ex.add_argument("--run", required=True, help="run folder")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", required=True, help="new output folder")
+    ex.set_defaults(func=cmd_export)
+
     be = sub.add_parser("bench", help="measurements").add_subparsers(dest="what", required=True)
     bc = be.add_parser("cache", help="one epoch with the image tower recomputed vs cached")
-    bc.add_argument("--config", required=True)
+    bc.add_argument("--config", required=True, action="append")
     bc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bc.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
     bc.set_defaults(func=cmd_bench)
     bt = be.add_parser("train", help="one training epoch on images (seconds per step)")
-    bt.add_argument("--config", required=True)
+    bt.add_argument("--config", required=True, action="append")
     bt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
     bt.set_defaults(func=cmd_bench_train)
 
     fs = sub.add_parser("fewshot", help="the few-shot protocol: K shots x episodes, mean ± std of novel mAP")
-    fs.add_argument("--config", required=True, help="experiment YAML with a fewshot section")
+    fs.add_argument("--config", required=True, action="append", help="experiment YAML with a fewshot section "
+                    "(repeat to merge several)")  # fmt: skip
     fs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     fs.add_argument("--run-dir", help="run folder (default runs/<name>)")
     fs.add_argument("--resume", action="store_true", help="keep finished episodes, resume the others")

@@ -19,7 +19,7 @@ from cimlic.config import Config, ConfigError, load_config, save_config
 from cimlic.data.dataset import ExtraInputsDataset, MultiLabelDataset, default_transform
 from cimlic.data.labels import LabelSet, read_classes, read_label_list
 from cimlic.data.splits import carve_validation
-from cimlic.distributed import rank_zero_first
+from cimlic.distributed import barrier, rank_zero_first
 from cimlic.io import write_json
 from cimlic.models import METHODS, Method
 from cimlic.rundir import run_dir_entries, run_lock
@@ -182,7 +182,25 @@ def _train_one(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dict:
     result = trainer.fit(resume=resume)
     if rank == 0:
         write_json(run_dir / "clip.json", model.identity())
+        result = _calibrate_after_training(cfg, trainer, data["val"], splits.classnames, run_dir, result)
+    barrier()
     return result
+
+
+def _calibrate_after_training(cfg: Config, trainer, val_set, classnames: list[str], run_dir: Path, result: dict):
+    """Choose the run's thresholds on val with the selected weights (``eval.calibrate``); ``result`` + tuned metrics."""
+    from cimlic.apps.calibrate import calibrate_model, save_calibration
+    from cimlic.distributed import world
+
+    if not cfg.eval.calibrate or val_set is None:
+        if cfg.eval.calibrate:
+            logger.info("no validation split: no thresholds chosen (predict uses eval.threshold on sigmoid(logit))")
+        return result
+    tested_on_test = result.get("split") == "test"
+    test = trainer.test_scores if tested_on_test and world()[1] == 1 else trainer.datasets["test"]
+    cal, tuned = calibrate_model(cfg, trainer.model, val_set, classnames, trainer.device, test)  # selected weights
+    save_calibration(run_dir, cal, tuned)
+    return result | ({"tuned_thresholds": tuned} if tuned is not None else {})
 
 
 def _check_loss_inputs(cfg: Config) -> None:

@@ -76,12 +76,17 @@ def default_transform(
     mean: tuple[float, float, float] = CLIP_MEAN,
     std: tuple[float, float, float] = CLIP_STD,
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize to ``size``×``size`` (random crop + flip when ``train``), to float, normalise (CLIP's by default)."""
-    steps: list = [v2.PILToTensor()]
+    """Resize to ``size``×``size`` (random crop + flip when ``train``), to float, normalise (CLIP's by default).
+
+    The evaluation resize is PIL's bilinear filter on the decoded image (torchvision hands a PIL image to PIL), so
+    any program that resizes with ``Image.resize((size, size), Image.BILINEAR)`` feeds a model exactly what cimlic
+    fed it (the exported tagger's snippet does).
+    """
     if train:
-        steps += [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        steps: list = [v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+                       v2.RandomHorizontalFlip()]  # fmt: skip
     else:
-        steps += [v2.Resize((size, size), antialias=True)]
+        steps = [v2.Resize((size, size), interpolation=v2.InterpolationMode.BILINEAR, antialias=True), v2.PILToTensor()]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 

@@ -1,7 +1,8 @@
-"""From official dataset folders to the toolkit's label lists: ``cimlic prepare voc-lt | coco-lt``.
+"""From dataset folders to the toolkit's label lists: ``cimlic prepare voc-lt | coco-lt | voc07 | coco2014`` for the
+benchmarks, ``cimlic import`` (:func:`prepare_tagged`) for a practitioner's own tagged images.
 
-Output folder: ``classes.txt``, ``train.txt``, ``test.txt`` (plain label lists), ``stats.json`` and
-``data.yaml`` (the ``data:`` section of a config pointing at the lists and image folders).
+Output folder: ``classes.txt``, ``train.txt``, ``test.txt`` (and ``val.txt`` for an import; plain label lists),
+``stats.json`` and ``data.yaml`` (the ``data:`` section of a config pointing at the lists and image folders).
 """
 
 from __future__ import annotations
@@ -9,22 +10,33 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import yaml
+from tqdm import tqdm
 
+from cimlic.data.dataset import ImageFileError, load_image
 from cimlic.data.formats import VOC_CLASSES, Difficult, find_voc_year_dir, read_coco, read_voc
+from cimlic.data.imports import detect_format, read_tagged
 from cimlic.data.labels import (
     LabelFileError,
     LabelSet,
+    class_groups,
+    read_classes,
     read_id_list,
     write_classes,
     write_label_list,
 )
 from cimlic.data.splits import build_longtail
+from cimlic.data.stratify import SplitError, check_fractions, split_counts, stratified_split
+from cimlic.errors import ConfigError
 from cimlic.io import atomic_write_text, claim_output_folder, write_json
 
 logger = logging.getLogger(__name__)
+
+PART_NAMES = {1: ("train",), 2: ("train", "test"), 3: ("train", "val", "test")}  # cimlic import --split
 
 # COCO-LT pool: train2017 images whose shorter side is >= 32 px (METHODS §1.2 step 1).
 COCO_MIN_SIDE = 32
@@ -207,3 +219,171 @@ def prepare_coco_full(coco: str | os.PathLike, out: str | os.PathLike, year: str
         "test_image_root": str((coco / f"val{year}").resolve()), "image_pattern": "{id}.jpg",
     }  # fmt: skip
     return _write_outputs(out, train, test, data_cfg, {"split": f"COCO train{year} / val{year}"})
+
+
+# ------------------------------------------------------------------- your own tagged images (cimlic import)
+def _check_one(path: Path) -> str | None:
+    try:
+        load_image(path).close()
+    except ImageFileError as err:
+        return str(err).removeprefix(f"{path}: ")
+    except Exception as err:  # a hostile file can trip other decoder errors: still an unreadable image, not a bug
+        return f"cannot decode image ({type(err).__name__}: {err})"
+    return None
+
+
+def unreadable_images(root: str | os.PathLike, ids: Sequence[str], progress: bool = True) -> list[tuple[str, str]]:
+    """Decode every image ``root / id`` once; (id, reason) of each one that cannot be read, in ``ids`` order."""
+    root = Path(root)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
+        reasons = list(
+            tqdm(
+                pool.map(_check_one, [root / i for i in ids]),
+                total=len(ids),
+                desc="checking images",
+                unit="img",
+                disable=not progress,
+            )
+        )
+    return [(i, r) for i, r in zip(ids, reasons, strict=True) if r is not None]
+
+
+def prepare_tagged(
+    source: str | os.PathLike,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "auto",
+    classes: str | os.PathLike | None = None,
+    sep: str | None = None,
+    split: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    strict: bool = False,
+    head: int = 100,
+    tail: int = 20,
+) -> dict:
+    """Import a user's tagged images: read labels, check images, split (stratified), write lists and ``data.yaml``.
+
+    Args:
+        source: the label file or folder (see :data:`FORMATS`).
+        images: the folder the image paths are relative to.
+        out: output folder (new, empty or an earlier cimlic output; a user's own files are never overwritten).
+        fmt: the label format, or 'auto'.
+        classes: optional class-list file (one name per line); fixes the class order.
+        sep: tag separator of a tags CSV (None = auto).
+        split: (train), (train, test) or (train, val, test) fractions summing to 1.
+        seed: seed of the split.
+        strict: an unreadable image is an error (default: it is left out and listed in ``bad_images.txt``).
+        head, tail: group thresholds on the training counts.
+
+    Returns:
+        The statistics written to ``stats.json``.
+    """
+    try:
+        fractions = check_fractions(split)
+    except SplitError as err:
+        raise ConfigError(f"--split: {err}") from None
+    source, images, out = Path(source), Path(images), Path(out)
+    if not images.is_dir():
+        raise ImageFileError(f"{images}: image folder not found")
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    labels = read_tagged(source, fmt, read_classes(classes) if classes else None, sep)
+    claim_output_folder(out, "cimlic import")
+    bad = unreadable_images(images, labels.ids)
+    if bad and strict:
+        raise ImageFileError(f"{images / bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable image(s) in all)")
+    if bad:
+        logger.warning(
+            "%d of %d images cannot be read and are left out (listed in %s): %s",
+            len(bad),
+            len(labels),
+            out / "bad_images.txt",
+            "; ".join(f"{i}: {r}" for i, r in bad[:3]),
+        )
+    bad_ids = {i for i, _ in bad}
+    labels = labels.subset([r for r, i in enumerate(labels.ids) if i not in bad_ids])
+    empty = [n for n, c in zip(labels.classnames, labels.class_counts(), strict=True) if c == 0]
+    if empty:
+        after = " left after leaving out the unreadable images" if bad else ""
+        raise LabelFileError(f"{source}: class(es) {empty} have no image{after}; drop them from the class list")
+    names = PART_NAMES[len(fractions)]
+    try:
+        parts = stratified_split(labels.targets, fractions, seed)
+    except SplitError as err:
+        raise LabelFileError(f"{source}: {err}") from None
+    stats = {"source": str(source), "format": fmt, "image_root": str(images.resolve())}
+    stats |= _stats(labels, parts, names, head, tail)
+    stats["bad_images"] = [{"image": i, "error": r} for i, r in bad]
+    stats["split"] = {"fractions": dict(zip(names, fractions, strict=True)), "seed": seed}
+    _write(out, labels, parts, names, stats, images)
+    return stats
+
+
+def _stats(labels: LabelSet, parts: list[np.ndarray], names: Sequence[str], head: int, tail: int) -> dict:
+    Y = labels.targets == 1
+    train = Y[parts[0]].sum(axis=0)
+    groups = class_groups(train, head, tail)
+    nonzero = train[train > 0]
+    return {
+        "images": {"total": len(labels)} | {n: len(p) for n, p in zip(names, parts, strict=True)},
+        "num_classes": labels.num_classes,
+        "class_counts": split_counts(Y, parts, labels.classnames, names),
+        "train_class_counts": {c: int(n) for c, n in zip(labels.classnames, train, strict=True)},
+        "groups": {
+            g: [c for c, gc in zip(labels.classnames, groups, strict=True) if gc == g]
+            for g in ("head", "medium", "tail")
+        },
+        "group_thresholds": {"head": head, "tail": tail},
+        "imbalance_ratio": float(nonzero.max() / nonzero.min()) if nonzero.size else None,
+        "absent_classes": {
+            n: [c for c, k in zip(labels.classnames, Y[p].sum(axis=0), strict=True) if k == 0]
+            for n, p in zip(names, parts, strict=True)
+        },
+        "images_without_label": {"total": int((~Y.any(axis=1)).sum())}
+        | {n: int((~Y[p].any(axis=1)).sum()) for n, p in zip(names, parts, strict=True)},
+    }
+
+
+def _write(
+    out: Path, labels: LabelSet, parts: list[np.ndarray], names: Sequence[str], stats: dict, images: Path
+) -> None:
+    write_classes(out / "classes.txt", labels.classnames)
+    fr, seed = stats["split"]["fractions"], stats["split"]["seed"]
+    for name, part in zip(names, parts, strict=True):
+        header = (
+            f"{name} part of {stats['source']} (split {'/'.join(f'{f:g}' for f in fr.values())}, seed {seed}); "
+            "image path<TAB>positive class indices (see classes.txt)"
+        )
+        write_label_list(out / f"{name}.txt", labels.subset(part), header=header)
+    for stale in ("val.txt", "test.txt"):  # of an earlier import into this (cimlic-owned) folder
+        if stale.removesuffix(".txt") not in names:
+            (out / stale).unlink(missing_ok=True)
+    bad_lines = [f"{b['image']}\t{b['error']}" for b in stats["bad_images"]]
+    atomic_write_text(out / "bad_images.txt", "\n".join(["# image<TAB>why it cannot be read", *bad_lines]) + "\n")
+    write_json(out / "stats.json", stats)
+    data = {"name": out.resolve().name, "classes": str((out / "classes.txt").resolve())}
+    data |= {f"{n}_labels": str((out / f"{n}.txt").resolve()) for n in names}
+    data |= {"image_root": str(images.resolve()), "image_pattern": "{id}"}
+    atomic_write_text(out / "data.yaml", yaml.safe_dump({"data": data}, sort_keys=False))
+    logger.info("wrote %s: %s images", out, " / ".join(f"{len(p)} {n}" for n, p in zip(names, parts, strict=True)))
+
+
+def format_split_table(stats: dict) -> str:
+    """A short text table of the class counts per part (class, total, train[, val][, test]) and a summary line."""
+    names = [n for n in ("train", "val", "test") if n in stats["images"]]
+    counts = stats["class_counts"]
+    width = min(max([len("class"), *map(len, counts)]), 32)
+    lines = [f"{'class':<{width}} {'total':>7}" + "".join(f" {n:>7}" for n in names)]
+    for cls, row in counts.items():
+        label = cls if len(cls) <= width else cls[: width - 3] + "..."
+        lines.append(f"{label:<{width}} {row['total']:>7}" + "".join(f" {row[n]:>7}" for n in names))
+    g, ratio = stats["groups"], stats["imbalance_ratio"]
+    parts = " / ".join(f"{stats['images'][n]} {n}" for n in names)
+    summary = (
+        f"{stats['images']['total']} images ({parts}), {stats['num_classes']} classes, head/medium/tail "
+        f"{len(g['head'])}/{len(g['medium'])}/{len(g['tail'])}"
+    )
+    if ratio is not None:
+        summary += f", imbalance ratio {ratio:.1f}"
+    if stats["bad_images"]:
+        summary += f"; {len(stats['bad_images'])} unreadable image(s) left out (bad_images.txt)"
+    return "\n".join([*lines, summary])
