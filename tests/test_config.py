@@ -109,7 +109,9 @@ def test_method_sections_come_from_the_method_table():
 
 def test_several_files_merge_in_order_and_name_the_bad_one(tmp_path):
     method = tmp_path / "method.yaml"
-    method.write_text("name: m\nmodel: {name: coop, n_ctx: 8}\ntrain: {epochs: 5, lr: 0.01}\ndata: {val_fraction: 0.2}\n")
+    method.write_text(
+        "name: m\nmodel: {name: coop, n_ctx: 8}\ntrain: {epochs: 5, lr: 0.01}\ndata: {val_fraction: 0.2}\n"
+    )
     data = tmp_path / "data.yaml"
     data.write_text("data: {classes: c.txt, train_labels: t.txt}\ntrain: {epochs: 7}\n")
     cfg = load_config([method, data], ["train.lr=0.5"])

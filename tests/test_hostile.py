@@ -268,6 +268,18 @@ def test_coco_files_with_bad_entries_are_named(tmp_path):
     path.write_text(json.dumps(base | {"images": [{"id": 1, "file_name": "1.jpg", "width": "wide", "height": 64}]}))
     with pytest.raises(LabelFileError, match="image 1 has a non-numeric width"):
         read_coco(path)
+    path.write_text(json.dumps(base | {"annotations": [{"id": 9, "image_id": 1, "category_id": 1}]}))
+    with pytest.raises(LabelFileError, match=r"instances\.json: malformed annotation 9 \(missing key 'bbox'\)"):
+        read_coco(path)
+    path.write_text(json.dumps(base | {"annotations": ["not a dict"]}))
+    with pytest.raises(LabelFileError, match=r"malformed annotation \? \(TypeError: "):
+        read_coco(path)
+    path.write_text(json.dumps({k: v for k, v in base.items() if k != "annotations"}))
+    with pytest.raises(LabelFileError, match=r"instances\.json: not a COCO instances file \(no 'annotations' list\)"):
+        read_coco(path)
+    path.write_text(json.dumps(base | {"categories": [{"name": "cat"}]}))
+    with pytest.raises(LabelFileError, match=r"malformed category or image entry \(missing key 'id'\)"):
+        read_coco(path)
     path.write_bytes(json.dumps(base).replace("cat", "caf\xe9").encode("latin-1"))
     with pytest.raises(LabelFileError, match=r"instances\.json: annotation file is not UTF-8"):
         read_coco(path)

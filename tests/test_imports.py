@@ -24,7 +24,7 @@ from cimlic.data.imports import (
     read_voc_folder,
 )
 from cimlic.data.labels import LabelFileError, read_classes, read_label_list
-from cimlic.data.prepare import format_split_table, prepare_tagged, unreadable_images
+from cimlic.data.prepare import format_split_table, prepare_tagged, split_shortfalls, unreadable_images
 from cimlic.data.stratify import SplitError, part_sizes, split_counts, stratified_split
 from cimlic.errors import ConfigError
 from cimlic.io import WriteError
@@ -262,10 +262,12 @@ def test_unreadable_images_are_reported_unreadable_files(tmp_path):
     Image.new("RGB", (16, 16), (1, 2, 3)).save(buf, format="PNG")
     (tmp_path / "trunc.png").write_bytes(buf.getvalue()[:40])
     write(tmp_path / "fake.jpg", "this is text, not a JPEG")
-    ids = ["good.png", "trunc.png", "missing.png", "sub/good.jpg", "fake.jpg"]
+    (tmp_path / "album.jpg").mkdir()
+    ids = ["good.png", "trunc.png", "missing.png", "sub/good.jpg", "fake.jpg", "album.jpg"]
     bad = unreadable_images(tmp_path, ids, progress=False)
-    assert [i for i, _ in bad] == ["trunc.png", "missing.png", "fake.jpg"]
+    assert [i for i, _ in bad] == ["trunc.png", "missing.png", "fake.jpg", "album.jpg"]
     reasons = dict(bad)
+    assert reasons["album.jpg"] == "is a folder, not an image file"
     assert reasons["missing.png"] == "image file not found"
     assert reasons["trunc.png"].startswith("cannot decode image")
     assert reasons["fake.jpg"].startswith("cannot decode image")
@@ -407,5 +409,37 @@ def test_prepare_tagged_one_part_strict_and_refusals(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("--split: split fractions must sum to 1")):
         prepare_tagged(source, images, tmp_path / "x", split=(0.5, 0.4))
     only_bad = write(tmp_path / "only_bad.csv", "img001.png,cat\nbad.png,dog\n")
-    with pytest.raises(LabelFileError, match=re.escape("class(es) ['dog'] have no image left after leaving out")):
+    with pytest.raises(
+        LabelFileError, match=re.escape("class(es) ['dog'] appear only on images that cannot be read")
+    ) as err:
         prepare_tagged(only_bad, images, tmp_path / "y", split=(1.0,))
+    assert str(err.value).endswith("; fix those images")
+    classes = write(tmp_path / "names.txt", "cat\ndog\n")
+    with pytest.raises(LabelFileError, match=re.escape(f"fix those images or drop the class(es) from {classes}")):
+        prepare_tagged(only_bad, images, tmp_path / "y", classes=classes)
+    classes = write(tmp_path / "names.txt", "cat\ndog\nfish\n")
+    good_only = write(tmp_path / "good_only.csv", "img001.png,cat\nimg002.png,dog\n")
+    with pytest.raises(LabelFileError, match=re.escape(f"class(es) ['fish'] have no image (drop them from {classes})")):
+        prepare_tagged(good_only, images, tmp_path / "y", classes=classes, split=(1.0,))
+    assert not any((tmp_path / "y" / n).exists() for n in ("train.txt", "data.yaml", "stats.json"))
+
+
+def test_prepare_tagged_warns_about_a_class_the_repair_cannot_place(tmp_path, caplog):
+    """Class a's three images each carry a one-image class: moving one out of train would take that class away."""
+    images = tmp_path / "images"
+    rows = []
+    for i in range(10):
+        image(images / f"i{i}.png", (i * 20, 0, 0))
+        rows.append(f"i{i}.png,{f'a;b{i}' if i < 3 else ''}")
+    source = write(tmp_path / "tags.csv", "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="cimlic.data.prepare"):
+        stats = prepare_tagged(source, images, tmp_path / "out", split=(0.7, 0.1, 0.2), seed=2)
+    assert stats["class_counts"]["a"] == {"train": 3, "val": 0, "test": 0, "total": 3}
+    assert stats["absent_classes"]["val"] == ["a", "b0", "b1", "b2"] and stats["absent_classes"]["train"] == []
+    lines = split_shortfalls(stats)
+    assert lines == [
+        f"1 class(es) with 3 or more images have none in {part} (no image of theirs could move there without "
+        f"taking another class out of its part; stats.json: absent_classes): a"
+        for part in ("val", "test")
+    ]
+    assert all(line in caplog.text for line in lines)

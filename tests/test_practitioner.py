@@ -6,6 +6,7 @@ checkpoints/digits, as the demo test uses it)."""
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ def _save(source: Path, target: Path, k: int) -> None:
 
 
 def _photos(world: Path, tmp: Path) -> tuple[Path, Path, list[str], np.ndarray]:
-    """photos/ + photos.csv (the world's train and val images) and new/ (its test images, with their labels)."""
+    """photos/ + photos.csv (the world's train and val images) and new_photos/ (its test images, with labels)."""
     classes = read_classes(world / "classes.txt")
     rows = ["path,tags"]
     for split in ("train", "val"):
@@ -43,11 +44,18 @@ def _photos(world: Path, tmp: Path) -> tuple[Path, Path, list[str], np.ndarray]:
     rows.append("garden/broken.jpg,zero")
     (tmp / "photos.csv").write_text("\n".join(rows) + "\n")
     test = read_label_list(world / "test.txt", classes)
-    files = []  # as predict names them, run from ``tmp``: new/<file>
+    files = []  # as predict names them, run from ``tmp``: new_photos/<file>
     for r, i in enumerate(test.ids):
-        files.append(f"new/{i}.{'jpg' if r % 2 else 'png'}")
+        files.append(f"new_photos/{i}.{'jpg' if r % 2 else 'png'}")
         _save(world / "images" / f"{i}.png", tmp / files[-1], r)
     return tmp / "photos", tmp / "photos.csv", files, test.targets
+
+
+def readme_commands() -> list[str]:
+    """The command lines of the README's "Train a tagger on your own images" block, as a user would paste them."""
+    text = (REPO / "README.md").read_text().split("## Train a tagger on your own images", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("#", 1)[0].strip() for line in block.splitlines() if line.strip()]
 
 
 def _predictions(path: Path, classes: list[str]) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
@@ -78,31 +86,34 @@ def test_train_a_tagger_on_your_own_images(tmp_path, monkeypatch):
             "train.epochs=10", "train.warmup_steps=10", "train.num_workers=0"]  # fmt: skip
     sets = [a for item in tiny for a in ("--set", item)]
 
+    commands = readme_commands()  # the README's five lines, run as written (the train line gets the tiny CLIP)
+    assert [c.split()[:2] for c in commands] == [["cimlic", "import"], ["cimlic", "train"], ["cimlic", "predict"],
+                                                 ["cimlic", "export"], ["python", "apply_tagger.py"]]  # fmt: skip
+    Path("configs").symlink_to(REPO / "configs")
+    imp, train, predict, export, _ = (shlex.split(c)[1:] for c in commands)
+
     # 1. import: checked, split, listed
-    assert (
-        main(["import", str(csv), "--images", str(photos), "--out", "data/mine", "--split", "0.7", "0.1", "0.2"]) == 0
-    )
+    assert main(imp) == 0
     stats = json.loads(Path("data/mine/stats.json").read_text())
     assert [b["image"] for b in stats["bad_images"]] == ["garden/broken.jpg"]
     assert stats["images"]["total"] == len(csv.read_text().splitlines()) - 2  # header and the broken one
     assert not any(stats["absent_classes"].values())  # every class in train, val and test
     # 2. train (the tagger config + the import's data.yaml): thresholds chosen on val
-    argv = ["train", "--config", str(REPO / "configs/tagger/coop.yaml"), "--config", "data/mine/data.yaml", *sets]
-    assert main([*argv, "--run-dir", "runs/mine"]) == 0
+    assert main([*train, *sets]) == 0
     result = json.loads(Path("runs/mine/eval.json").read_text())
     assert result["map"] > chance_map("data/mine/test.txt", "data/mine/classes.txt") + 30
     assert result["tuned_thresholds"]["cf1"] > result["cf1"] - 1  # per-class F1-optimal thresholds do not lose CF1
     # 3. predict new images, with a gallery
-    assert main(["predict", "--run", "runs/mine", "new", "--out", "preds.jsonl", "--html", "gallery.html"]) == 0
-    labels, scores = _predictions(Path("preds.jsonl"), classes)
+    assert main(predict) == 0
+    labels, scores = _predictions(Path("predictions.jsonl"), classes)
     assert len(labels) == len(new) and Path("gallery.html").read_text().count('class="card"') == len(new)
     assert _f1(labels, new, truth, classes) > 0.6
-    # 4. export, 5. apply without cimlic: the README's snippet on one image prints predict's labels
-    assert main(["export", "--run", "runs/mine", "--format", "onnx", "--out", "tagger"]) == 0
+    # 4. export, 5. apply without cimlic: the export README's snippet, saved as apply_tagger.py, prints predict's labels
+    assert main(export) == 0
     readme = Path("tagger/README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("photo.jpg", new[1])
-    guard = "import sys; sys.modules['cimlic'] = None\n"
-    out = subprocess.run([sys.executable, "-c", guard + snippet], capture_output=True, text=True, check=True).stdout
+    Path("apply_tagger.py").write_text("import sys; sys.modules['cimlic'] = None\n" + snippet)
+    out = subprocess.run([sys.executable, "apply_tagger.py"], capture_output=True, text=True, check=True).stdout
     assert sorted(c for c, _ in eval(out)) == sorted(labels[new[1]])  # noqa: S307 (the snippet's own printed list)
     import onnxruntime as ort
 
@@ -111,14 +122,16 @@ def test_train_a_tagger_on_your_own_images(tmp_path, monkeypatch):
     batch = np.stack([(np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR),
                                   dtype=np.float32) / 255.0).transpose(2, 0, 1) for f in new])  # fmt: skip
     probs = session.run(None, {"image": batch})[0]  # (N, C), C in the model's order: the import's classes.txt
-    _, scores = _predictions(Path("preds.jsonl"), info["classes"])
+    _, scores = _predictions(Path("predictions.jsonl"), info["classes"])
     np.testing.assert_allclose(probs, np.stack([scores[f] for f in new]), atol=1e-4)
 
     # the fixed 0.5 on sigmoid(100 cos) labels nearly every class of a zero-shot run; its thresholds do not
-    assert main([*argv, "--set", "model.name=zeroshot", "--run-dir", "runs/zs"]) == 0
-    assert main(["predict", "--run", "runs/zs", "new", "--out", "zs.jsonl"]) == 0
+    zeroshot = [*train, *sets, "--set", "model.name=zeroshot"]
+    zeroshot[zeroshot.index("--run-dir") + 1] = "runs/zs"
+    assert main(zeroshot) == 0
+    assert main(["predict", "--run", "runs/zs", "new_photos", "--out", "zs.jsonl"]) == 0
     Path("runs/zs/calibration.json").rename("runs/zs/calibration.off")
-    assert main(["predict", "--run", "runs/zs", "new", "--out", "zs_raw.jsonl"]) == 0
+    assert main(["predict", "--run", "runs/zs", "new_photos", "--out", "zs_raw.jsonl"]) == 0
     tuned, _ = _predictions(Path("zs.jsonl"), classes)
     raw, _ = _predictions(Path("zs_raw.jsonl"), classes)
     per_image = {name: np.mean([len(v) for v in d.values()]) for name, d in (("tuned", tuned), ("raw", raw))}

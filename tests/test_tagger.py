@@ -86,6 +86,8 @@ def test_thresholds_after_training_are_what_predict_uses(run, world, tmp_path):
     again = threshold_metrics(probs, targets, threshold=np.array(cal.thresholds))
     for key in ("cp", "cr", "cf1", "op", "or", "of1"):  # eval.json's tuned numbers = predict's labels on test
         assert again[key] == pytest.approx(tuned[key], abs=1e-6), key
+    assert main(["eval", "--run", str(run)]) == 0  # cimlic eval reports them too
+    assert json.loads((run / "eval_test_sklearn.json").read_text())["tuned_thresholds"] == tuned
     for record, row in zip(records, probs, strict=True):  # labels: at or above the class's threshold, best first
         expected = [cal.classnames[k] for k in np.argsort(-row, kind="stable") if row[k] >= cal.thresholds[k]]
         assert [d["label"] for d in record["labels"]] == expected
@@ -222,7 +224,7 @@ def _jsonl_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
         record = json.loads(line)
         prefix = record.get("split", "train")
         for key, value in record.items():
-            if key not in ("step", "epoch", "split") and isinstance(value, int | float):
+            if key not in ("step", "split") and isinstance(value, int | float):
                 out.setdefault(f"{prefix}/{key}", []).append((record["step"], value))
     return out
 
@@ -260,3 +262,91 @@ def test_readme_shows_the_exported_snippet():
     snippet = SNIPPET.format(dir="tagger")
     assert "\n".join("   " + line if line else "" for line in snippet.splitlines()) in readme
     assert len(snippet.strip().splitlines()) <= 10
+
+
+# ------------------------------------------------------------------------------- odd cases of the path
+def test_predict_with_no_readable_image_writes_an_empty_file(run, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    out = tmp_path / "deep" / "er" / "p.jsonl"  # parent folders are made
+    assert main(["predict", "--run", str(run), str(bad), "--out", str(out)]) == 0
+    assert out.read_text() == "" and "0 image(s) scored, 1 unreadable" in capsys.readouterr().out
+
+
+def test_export_refuses_another_commands_folder(run, tmp_path, capsys):
+    folder = tmp_path / "imported"
+    images = tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(images / f"{i}.png")
+        rows.append(f"{i}.png,{CLASSES[i % 2]}")
+    (tmp_path / "tags.csv").write_text("\n".join(rows) + "\n")
+    assert main(["import", str(tmp_path / "tags.csv"), "--images", str(images), "--out", str(folder),
+                 "--split", "0.5", "0.5"]) == 0  # fmt: skip
+    before = sorted(p.name for p in folder.iterdir())
+    capsys.readouterr()
+    assert main(["export", "--run", str(run), "--format", "torchscript", "--out", str(folder)]) == 2
+    assert "cimlic import" in capsys.readouterr().err and sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_calibration_file_needs_a_positive_scale(run, tmp_path):
+    from cimlic.config import ConfigError
+
+    data = json.loads((run / "calibration.json").read_text())
+    for scale in (0.0, -1.0):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(data | {"scale": scale}))
+        with pytest.raises(ConfigError, match="a scale > 0"):
+            Calibration.load(path)
+
+
+def test_calibrate_rule_f1_with_a_target_precision_is_refused(run, capsys):
+    assert main(["calibrate", "--run", str(run), "--rule", "f1", "--target-precision", "0.9"]) == 2
+    assert "--target-precision goes with --rule precision" in capsys.readouterr().err
+
+
+def test_calibration_scores_in_float32_even_under_amp(world, tmp_path, monkeypatch):
+    """train.amp evaluates in bf16 on a GPU; the thresholds are chosen on predict's float32 scores instead."""
+    import cimlic.apps.calibrate as calibrate_app
+    import cimlic.engine as engine
+
+    seen = []
+    real = engine.forward_all
+
+    def spy(model, dataset, train_cfg, *args, **kw):
+        seen.append(train_cfg.amp)
+        return real(model, dataset, train_cfg, *args, **kw)
+
+    monkeypatch.setattr(engine, "forward_all", spy)
+    monkeypatch.setattr(calibrate_app, "amp_active", lambda cfg, device: True)  # as on a GPU with train.amp
+    config = _config(tmp_path / "c.yaml", world, epochs=1, amp=True)
+    assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r")]) == 0
+    assert seen[-2:] == [False, False]  # val, then test scored again (the Trainer's test scores were under amp)
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["tuned_thresholds"]["split"] == "test"
+
+
+def test_tensorboard_after_a_start_with_nothing_to_resume(world, tmp_path):
+    """Killed before its first state.pt: the restart's events replace the first attempt's, step for step."""
+    config = _config(tmp_path / "c.yaml", world, epochs=1, log=["jsonl", "tensorboard"], log_every=1)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
+    (run / "state.pt").unlink()
+    assert main(["train", "--config", str(config), "--run-dir", str(run), "--resume"]) == 0
+    board, jsonl = _tensorboard(run), _jsonl_scalars(run)
+    assert (
+        [s for s, _ in board["train/loss"]] == [s for s, _ in jsonl["train/loss"]] == list(range(1, 9))
+    )  # 240 images, batches of 32
+
+
+def test_calibrate_a_run_trained_in_stages_updates_its_top_eval(world, tmp_path):
+    config = _config(tmp_path / "c.yaml", world, "hpdval", epochs=1)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--run-dir", str(run), "--set", "model.hpdval.stage2_epochs=1"]) == 0
+    top = json.loads((run / "eval.json").read_text())
+    assert top["tuned_thresholds"] == json.loads((run / "stage2" / "eval.json").read_text())["tuned_thresholds"]
+    assert main(["calibrate", "--run", str(run), "--target-precision", "0.9"]) == 0
+    for folder in (run, run / "stage2"):
+        tuned = json.loads((folder / "eval.json").read_text())["tuned_thresholds"]
+        assert tuned["rule"] == "precision" and tuned["target_precision"] == 0.9, folder
+    assert Calibration.load(run / "stage2" / "calibration.json").rule == "precision"

@@ -79,11 +79,11 @@ class Calibration:
             cal = cls(**data)
             thresholds, bias = [float(t) for t in cal.thresholds], [float(b) for b in cal.bias]
             ok = len(thresholds) == len(bias) == len(cal.classnames) and all(0.0 <= t <= 1.0 for t in thresholds)
-            ok = ok and all(math.isfinite(v) for v in (float(cal.scale), *bias))
+            ok = ok and all(math.isfinite(v) for v in (float(cal.scale), *bias)) and float(cal.scale) > 0
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{path}: not a calibration file ({err})") from None
         if not ok:
-            raise ConfigError(f"{path}: needs one threshold in [0, 1] and one finite bias per class, a finite scale")
+            raise ConfigError(f"{path}: needs one threshold in [0, 1] and one finite bias per class, a scale > 0")
         if classnames is not None and list(cal.classnames) != list(classnames):
             raise ConfigError(f"{path}: calibrated for other classes than the run's ({len(cal.classnames)} names)")
         cal.thresholds, cal.scale, cal.bias = thresholds, float(cal.scale), bias

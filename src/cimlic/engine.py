@@ -38,7 +38,17 @@ from cimlic.optim import EMA, build_optimizer, lr_at
 logger = logging.getLogger(__name__)
 
 # Config keys that may change when a run is resumed (they do not change what is computed, or extend it).
-RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.device", "train.num_workers", "train.log_every")
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.max_steps",
+    "train.device",
+    "train.num_workers",
+    "train.log_every",
+    "train.log",
+    "eval.calibrate",
+    "eval.threshold_rule",
+    "eval.target_precision",
+)
 SUMMARY_KEYS = ("map", "head", "medium", "tail", "var")
 
 
@@ -303,13 +313,13 @@ class Trainer:
             rundir.check_resume_config(self.run_dir / "config.yaml", to_dict(self.cfg), RESUMABLE_CHANGES,
                                        normalise=_resolved)  # fmt: skip
             self._restore(ckpt.load_state(self.run_dir / "state.pt"))
-            self._scalars.purge_step = self.step + 1  # TensorBoard drops what was logged after state.pt, as jsonl
             logger.info("resumed %s after epoch %d (step %d)", self.run_dir, self.epoch, self.step)
         else:
             seed_everything(self.cfg.seed)
         if self.rank == 0:
             save_config(self.cfg, self.run_dir / "config.yaml")
             rundir.trim_jsonl(self.run_dir / "metrics.jsonl", self.step)  # drop steps logged after the state was saved
+            self._scalars.purge_step = self.step + 1  # and TensorBoard drops them too (a fresh start: every step)
         barrier()
         return self.epoch
 

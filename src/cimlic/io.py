@@ -155,14 +155,16 @@ OUTPUT_MARKER = ".cimlic-output.json"  # in every data folder a cimlic command w
 
 
 def claim_output_folder(folder: str | os.PathLike, command: str) -> Path:
-    """Make ``folder`` the output folder of ``command``: it must be new, empty or an earlier cimlic output.
+    """Make ``folder`` the output folder of ``command``: it must be new, empty or an earlier output of the same
+    command (its first two words: ``cimlic prepare``, ``cimlic import``, ``cimlic export``, ...).
 
     A folder holding files cimlic did not write (a user's own ``train.txt``, ...) is refused, so nothing the user
-    had is overwritten; the marker file ``.cimlic-output.json`` says the folder is cimlic's from then on. Left-over
+    had is overwritten, and so is another command's output (an export into an imported data folder would replace its
+    ``classes.txt``); the marker file ``.cimlic-output.json`` says whose folder it is from then on. Left-over
     temporary files of interrupted writes are removed.
 
     Raises:
-        WriteError: the folder holds other files, or cannot be created.
+        WriteError: the folder holds other files, or another command's output, or cannot be created.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -175,6 +177,12 @@ def claim_output_folder(folder: str | os.PathLike, command: str) -> Path:
                 f"{folder}: the folder holds files cimlic did not write ({', '.join(entries[:4])}"
                 f"{', ...' if len(entries) > 4 else ''}); choose a new or empty folder"
             )
+    if marker.is_file():
+        owner = read_json(marker, WriteError, "output marker")
+        owner = owner.get("command", "") if isinstance(owner, dict) else ""
+        if owner.split()[:2] != command.split()[:2]:
+            raise WriteError(f"{folder}: the folder holds the output of `{owner or '?'}`, not of `{command}`; "
+                             "choose a new or empty folder")  # fmt: skip
     ensure_dir(folder)
     clean_stale_temps(folder)
     write_json(marker, {"command": command})

@@ -279,7 +279,7 @@ class ScalarLog:
             self._writer = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self.purge_step)
         prefix = record.get("split", "train")
         for key, value in record.items():
-            if key not in ("step", "epoch", "split") and isinstance(value, int | float) and not isinstance(value, bool):
+            if key not in ("step", "split") and isinstance(value, int | float) and not isinstance(value, bool):
                 self._writer.add_scalar(f"{prefix}/{key}", value, global_step=int(record["step"]))
         self._writer.flush()
 

@@ -9,6 +9,7 @@ fixed ``eval.threshold``. ``predict`` and ``export`` use the file by default.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -40,29 +41,44 @@ def calibrate_model(
     Returns:
         (the calibration, ``tuned_thresholds`` of eval.json or None).
     """
-    from cimlic.engine import forward_all
-
     e = cfg.eval
-    logits, targets = forward_all(model, val_set, cfg.train, device, len(classnames))  # (N_val, C) each
+    logits, targets = fp32_logits(model, val_set, cfg, device, len(classnames))  # (N_val, C) each
     rule_target = e.target_precision if e.threshold_rule == "precision" else None
     cal = calibrate(logits.numpy(), targets.numpy(), classnames, e.threshold_rule, rule_target, split="val")
     if test is None:
         return cal, None
     if isinstance(test, Dataset):
-        test = forward_all(model, test, cfg.train, device, len(classnames))
-    test_logits, test_targets = test
-    tuned = threshold_metrics(cal.probabilities(test_logits.numpy()), test_targets.numpy(),
-                              threshold=np.asarray(cal.thresholds), cf1=e.cf1)  # fmt: skip
-    return cal, {**tuned, "rule": cal.rule, "target_precision": cal.target_precision, "chosen_on": "val",
-                 "split": "test", "file": CALIBRATION_FILE}  # fmt: skip
+        test = fp32_logits(model, test, cfg, device, len(classnames))
+    return cal, tuned_metrics(cal, *test, cf1=e.cf1, split="test")
 
 
-def save_calibration(run_dir: Path, cal: Calibration, tuned: dict | None) -> None:
-    """Write ``calibration.json``; add ``tuned_thresholds`` to the run's ``eval.json`` (when both exist)."""
+def fp32_logits(model: torch.nn.Module, dataset: Dataset, cfg: Config, device: torch.device, num_classes: int):
+    """(N, C) logits and targets as ``predict`` and the exported tagger compute them: float32, no autocast (the
+    evaluation under ``train.amp`` runs in bf16 on a GPU, which moves logits near a threshold)."""
+    from cimlic.engine import forward_all
+
+    return forward_all(model, dataset, dataclasses.replace(cfg.train, amp=False), device, num_classes)
+
+
+def amp_active(cfg: Config, device: torch.device) -> bool:
+    """Whether the Trainer's evaluation ran under bf16 autocast (so its logits are not ``fp32_logits``)."""
+    return device.type == "cuda" and cfg.train.amp
+
+
+def tuned_metrics(cal: Calibration, logits: torch.Tensor, targets: torch.Tensor, cf1: str, split: str) -> dict:
+    """``tuned_thresholds`` of eval.json: CP, CR, CF1, OP, OR, OF1 of (N, C) logits at the calibration's thresholds."""
+    tuned = threshold_metrics(cal.probabilities(logits.numpy()), targets.numpy(), np.asarray(cal.thresholds), cf1=cf1)
+    return {**tuned, "rule": cal.rule, "target_precision": cal.target_precision, "chosen_on": cal.split,
+            "split": split, "file": CALIBRATION_FILE}  # fmt: skip
+
+
+def save_calibration(run_dir: Path, cal: Calibration, tuned: dict | None, also: Path | None = None) -> None:
+    """Write ``calibration.json``; put ``tuned_thresholds`` in the run's ``eval.json`` (and in ``also``'s, the top
+    folder of a run trained in stages, whose eval.json is its last stage's)."""
     cal.save(run_dir / CALIBRATION_FILE)
-    evaluation = run_dir / "eval.json"
-    if tuned is not None and evaluation.is_file():
-        write_json(evaluation, read_json(evaluation, ConfigError, "evaluation file") | {"tuned_thresholds": tuned})
+    for evaluation in (run_dir / "eval.json", also / "eval.json" if also is not None else None):
+        if tuned is not None and evaluation is not None and evaluation.is_file():
+            write_json(evaluation, read_json(evaluation, ConfigError, "evaluation file") | {"tuned_thresholds": tuned})
     logger.info("thresholds (%s) chosen on %d validation images: %s", cal.rule, cal.images, run_dir / CALIBRATION_FILE)
 
 
@@ -76,7 +92,10 @@ def calibrate_run(run_dir: str | Path, rule: str | None = None, target_precision
     from cimlic.distributed import resolve_device
     from cimlic.rundir import run_lock
 
-    run_dir = _resolve_run(Path(run_dir))
+    if rule == "f1" and target_precision is not None:
+        raise ConfigError("--target-precision goes with --rule precision (or no --rule), not with --rule f1")
+    top = Path(run_dir)
+    run_dir = _resolve_run(top)
     with run_lock(run_dir, "calibrate", required=False):
         cfg, model, _ = load_run(run_dir)
         if rule is not None:
@@ -93,7 +112,7 @@ def calibrate_run(run_dir: str | Path, rule: str | None = None, target_precision
         which = ("val", "test") if splits.test is not None else ("val",)
         data = build_datasets(cfg, splits, model, str(device), which=which)
         cal, tuned = calibrate_model(cfg, model.to(device), data["val"], splits.classnames, device, data.get("test"))
-        save_calibration(run_dir, cal, tuned)
+        save_calibration(run_dir, cal, tuned, also=top if top != run_dir else None)
     flagged = [d["class"] for d in cal.per_class if d["note"]]
     return {"calibration": str(run_dir / CALIBRATION_FILE), "tuned_thresholds": tuned, "flagged": flagged}
 

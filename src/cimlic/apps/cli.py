@@ -419,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("predict", help="labels with scores for new images")
     pd.add_argument("--run", required=True, help="run folder")
     pd.add_argument("inputs", nargs="+", help="image files or folders")
-    pd.add_argument("--threshold", type=float, help="one probability threshold for every class (default: the run's "
-                    "per-class thresholds, calibration.json)")  # fmt: skip
+    pd.add_argument("--threshold", type=float, help="one threshold for every class, on the scores predict writes "
+                    "(calibrated probabilities; default: the run's per-class thresholds)")  # fmt: skip
     pd.add_argument("--thresholds", help="JSON {class name: threshold} (overrides some classes' thresholds)")
     pd.add_argument("--top-k", type=int, default=0, help="at most the K highest-scoring labels per image (0 = all)")
     pd.add_argument("--batch-size", type=int, default=32, help="images per forward pass")

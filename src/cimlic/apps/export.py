@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,15 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike) -> 
     cal = read_run_calibration(run_dir, classnames)
     if cal is None:
         logger.warning("%s has no calibration.json: the export gives sigmoid(logit) and thresholds 0.5", run_dir)
+    if fmt == "onnx":
+        _need_onnx()  # before anything is written
     size, mean, std = model.input_spec()
     scale, bias = (cal.scale, cal.bias) if cal is not None else (1.0, [0.0] * len(classnames))
     tagger = Tagger(model.cpu().eval(), mean, std, scale, bias).eval()
     out = claim_output_folder(out, f"cimlic export --format {fmt}")
     path = out / FORMATS[fmt]
+    for other in set(FORMATS.values()) - {path.name}:  # an earlier export of the other format: not described any more
+        (out / other).unlink(missing_ok=True)
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, 3, int(size), int(size), generator=generator)
     with torch.no_grad():
@@ -91,7 +96,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike) -> 
         check = torch.rand(3, 3, int(size), int(size), generator=generator)  # another batch size than the example
         difference = float(np.abs(run_exported(path, fmt, check.numpy()) - tagger(check).numpy()).max())
     if not difference <= TOLERANCE:
-        raise ExportError(f"{path}: the exported model differs from the run's by {difference:.3g} (> {TOLERANCE})")
+        path.unlink(missing_ok=True)  # never leave a model file that does not reproduce the run
+        raise ExportError(f"{path}: the exported model differs from the run's by {difference:.3g} (> {TOLERANCE}); "
+                          "not kept")  # fmt: skip
     thresholds = cal.thresholds if cal is not None else [0.5] * len(classnames)
     info = {
         "format": fmt, "file": path.name, "classes": classnames, "thresholds": thresholds,
@@ -114,31 +121,39 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out: str | os.PathLike) -> 
     return info | {"path": str(path)}
 
 
+def _need_onnx() -> None:
+    """ExportError naming the missing package when the ONNX exporter or onnxruntime is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"--format onnx needs {', '.join(missing)}: pip install 'cimlic[export]'")
+
+
 def _write(tagger: Tagger, example: Tensor, path: Path, fmt: str) -> None:
     """The model file, written atomically (a temporary file renamed into place)."""
     with atomic_path(path) as tmp:
         if fmt == "onnx":
-            try:
-                torch.onnx.export(tagger, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
-                                  dynamo=True, external_data=False,
-                                  dynamic_shapes={"image": {0: torch.export.Dim("batch")}})  # fmt: skip
-            except ImportError as err:
-                hint = "pip install 'cimlic[export]'"
-                raise ExportError(f"ONNX export needs onnx and onnxscript: {hint} ({err})") from None
+            torch.onnx.export(tagger, (example,), str(tmp), input_names=["image"], output_names=["probabilities"],
+                              dynamo=True, external_data=False,
+                              dynamic_shapes={"image": {0: torch.export.Dim("batch")}})  # fmt: skip
         else:
-            torch.jit.save(torch.jit.trace(tagger, example, check_trace=False), str(tmp))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(torch.jit.trace(tagger, example, check_trace=False), str(tmp))
 
 
 def run_exported(path: str | os.PathLike, fmt: str, images: np.ndarray) -> np.ndarray:
     """(B, C) probabilities of an exported model file on (B, 3, S, S) float32 images (onnxruntime or TorchScript)."""
     if fmt == "onnx":
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ExportError("running an ONNX export needs onnxruntime: pip install 'cimlic[export]'") from None
+        _need_onnx()
+        import onnxruntime as ort
+
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return session.run(None, {"image": images.astype(np.float32)})[0]
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; the format is what was asked for
+        warnings.simplefilter("ignore", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
     with torch.no_grad():
         return module(torch.from_numpy(images.astype(np.float32))).numpy()
 
@@ -148,7 +163,8 @@ def _readme(out: Path, fmt: str, info: dict) -> str:
         f"# {info['method']} tagger exported by cimlic {info['cimlic']}", "",
         f"`{info['file']}` ({fmt}): {info['input']['layout']}, shape (batch, 3, {info['input']['size']}, "
         f"{info['input']['size']}) -> (batch, {len(info['classes'])}) calibrated probabilities.",
-        "Classes, thresholds and preprocessing: `tagger.json`. Resize to the input size with PIL's bilinear filter.",
+        "Classes, thresholds and preprocessing: `tagger.json`. Resize to the input size with PIL's bilinear filter;",
+        "16-bit or float images: bring them to 8 bits by their range first (`convert('RGB')` clips them).",
         "",
     ]  # fmt: skip
     if fmt == "onnx":

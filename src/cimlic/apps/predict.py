@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cimlic.config import ConfigError
 from cimlic.data.dataset import ImageFileError, load_image
-from cimlic.io import atomic_write_text, read_json
+from cimlic.io import atomic_write_text, ensure_dir, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ def predict_run(
 
     Scores are the run's calibrated probabilities and labels use its per-class thresholds (``calibration.json``,
     written by ``train`` / ``cimlic calibrate``); a run without one scores sigmoid(logit) against 0.5.
-    ``threshold`` sets every class's threshold, ``thresholds_file`` ({class: threshold}) some of them; ``top_k`` keeps
+    ``threshold`` sets every class's threshold (on those scores: the calibrated probabilities when the run has a
+    calibration), ``thresholds_file`` ({class: threshold}) some of them; ``top_k`` keeps
     at most the k highest labels; ``html`` also writes a gallery page (thumbnails, labels, scores).
 
     Returns:
@@ -160,6 +161,9 @@ def predict_run(
         raise ConfigError(f"{html}: --html must name an .html file")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"--threshold must be in [0, 1], got {threshold}")
+    for target in (out, html):  # their folders can be made before any image is scored, or fail now
+        if target is not None:
+            ensure_dir(Path(target).parent)
     files = collect_images(inputs)
     run_dir = _resolve_run(Path(run_dir))
     cfg, model, meta = load_run(run_dir)
@@ -178,6 +182,7 @@ def predict_run(
     device = resolve_device(cfg.train.device)
     transform = model_transform(model, train=False)
     logits, ok, failed = score_images(model.to(device), files, transform, device, batch_size, cfg.train.num_workers)
+    logits = logits.reshape(len(ok), len(classnames))  # (n_ok, C), also when no image could be read
     scores = cal.probabilities(logits) if cal is not None else sigmoid(logits)  # (n_ok, C)
     atomic_write_text(out, format_predictions(scores, ok, classnames, thresholds, fmt, top_k))
     if html is not None:

@@ -189,16 +189,22 @@ def _train_one(cfg: Config, run_dir: Path, resume: bool, rank: int) -> dict:
 
 def _calibrate_after_training(cfg: Config, trainer, val_set, classnames: list[str], run_dir: Path, result: dict):
     """Choose the run's thresholds on val with the selected weights (``eval.calibrate``); ``result`` + tuned metrics."""
-    from cimlic.apps.calibrate import calibrate_model, save_calibration
+    from cimlic.apps.calibrate import amp_active, calibrate_model, save_calibration
     from cimlic.distributed import world
+    from cimlic.errors import CimlicError
 
     if not cfg.eval.calibrate or val_set is None:
         if cfg.eval.calibrate:
-            logger.info("no validation split: no thresholds chosen (predict uses eval.threshold on sigmoid(logit))")
+            logger.info("no validation split: no thresholds chosen (predict uses 0.5 on sigmoid(logit))")
         return result
-    tested_on_test = result.get("split") == "test"
-    test = trainer.test_scores if tested_on_test and world()[1] == 1 else trainer.datasets["test"]
-    cal, tuned = calibrate_model(cfg, trainer.model, val_set, classnames, trainer.device, test)  # selected weights
+    # the tested split's scores are reused when they are what predict computes (one process, float32)
+    reuse = result.get("split") == "test" and world()[1] == 1 and not amp_active(cfg, trainer.device)
+    test = trainer.test_scores if reuse else trainer.datasets["test"]
+    try:
+        cal, tuned = calibrate_model(cfg, trainer.model, val_set, classnames, trainer.device, test)  # selected weights
+    except CimlicError as err:  # the trained run stands; `cimlic calibrate` can choose the thresholds later
+        logger.warning("no thresholds chosen: %s", err)
+        return result
     save_calibration(run_dir, cal, tuned)
     return result | ({"tuned_thresholds": tuned} if tuned is not None else {})
 
@@ -275,6 +281,7 @@ def eval_run(run_dir: str | Path, split: str = "test", ap: str | None = None) ->
 
 def evaluate_run(run_dir: str | Path, split: str = "test", ap: str | None = None) -> tuple[dict, Path]:
     """(metrics of a run's selected checkpoint on ``split``, the file they belong in); writes nothing."""
+    from cimlic.apps.calibrate import amp_active, fp32_logits, read_run_calibration, tuned_metrics
     from cimlic.distributed import resolve_device
     from cimlic.engine import evaluate_logits, forward_all
 
@@ -291,4 +298,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", ap: str | None = None
     logits, targets = forward_all(model.to(device), dataset, cfg.train, device, len(splits.classnames))
     result = evaluate_logits(logits, targets, cfg, splits.classnames, splits.group_counts)
     result |= {"split": split, "checkpoint_epoch": meta.get("epoch")}
+    cal = read_run_calibration(run_dir, splits.classnames)
+    if cal is not None:  # the threshold metrics at the run's own thresholds, on predict's float32 scores
+        if amp_active(cfg, device):
+            logits, targets = fp32_logits(model, dataset, cfg, device, len(splits.classnames))
+        result["tuned_thresholds"] = tuned_metrics(cal, logits, targets, cfg.eval.cf1, split)
     return result, run_dir / f"eval_{split}_{cfg.eval.ap}.json"

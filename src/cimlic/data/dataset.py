@@ -36,6 +36,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     pixels than PIL's decompression-bomb limit is refused before it is decoded.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageFileError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise ImageFileError(f"{path}: image file not found")
     try:

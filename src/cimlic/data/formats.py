@@ -113,6 +113,13 @@ def _load_json(path: Path) -> dict:
     return data
 
 
+def _why(err: Exception) -> str:
+    """A short reason for a malformed JSON entry: the missing key, or the error's own words."""
+    if isinstance(err, KeyError):
+        return f"missing key {err.args[0]!r}"
+    return f"{type(err).__name__}: {err}"
+
+
 def read_coco(
     ann_file: str | os.PathLike, classnames: Sequence[str] | None = None, min_side: int = 0
 ) -> tuple[LabelSet, dict[str, str]]:
@@ -137,7 +144,7 @@ def read_coco(
         names = [str(c["name"]) for c in cats]
         images = sorted(data["images"], key=lambda im: int(im["id"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise LabelFileError(f"{path}: malformed category or image entry ({err!r})") from None
+        raise LabelFileError(f"{path}: malformed category or image entry ({_why(err)})") from None
     if classnames is not None:
         if len(classnames) != len(names):
             raise LabelFileError(f"{path}: {len(names)} categories but the class list has {len(classnames)} names")
@@ -148,17 +155,18 @@ def read_coco(
     images = [im for im in images if _shorter_side(im, path) >= min_side]
     row_of = {int(im["id"]): r for r, im in enumerate(images)}
     targets = np.zeros((len(images), len(names)), dtype=np.int8)
-    for ann in data["annotations"]:
+    for ann in data["annotations"]:  # _load_json checked it is a list
+        ann_id = ann.get("id", "?") if isinstance(ann, dict) else "?"
         try:
             img, cat = int(ann["image_id"]), int(ann["category_id"])
             _, _, w, h = (float(v) for v in ann["bbox"])
             area = float(ann.get("area", w * h))
         except (KeyError, TypeError, ValueError) as err:
-            raise LabelFileError(f"{path}: malformed annotation {ann.get('id', '?')} ({err!r})") from None
+            raise LabelFileError(f"{path}: malformed annotation {ann_id} ({_why(err)})") from None
         if cat not in cat_index:
-            raise LabelFileError(f"{path}: annotation {ann.get('id', '?')} has unknown category id {cat}")
+            raise LabelFileError(f"{path}: annotation {ann_id} has unknown category id {cat}")
         if img not in all_ids:
-            raise LabelFileError(f"{path}: annotation {ann.get('id', '?')} is for image id {img}, not in 'images'")
+            raise LabelFileError(f"{path}: annotation {ann_id} is for image id {img}, not in 'images'")
         if img in row_of and area > 0 and w >= 1 and h >= 1:
             targets[row_of[img], cat_index[cat]] = 1
     ids = [Path(str(im.get("file_name", f"{int(im['id']):012d}.jpg"))).stem for im in images]

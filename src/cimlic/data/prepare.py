@@ -287,34 +287,43 @@ def prepare_tagged(
         raise ImageFileError(f"{images}: image folder not found")
     fmt = detect_format(source) if fmt == "auto" else fmt
     labels = read_tagged(source, fmt, read_classes(classes) if classes else None, sep)
+    never = [n for n, c in zip(labels.classnames, labels.class_counts(), strict=True) if c == 0]
+    if never:
+        where = f"drop them from {classes}" if classes else "no label row names them"
+        raise LabelFileError(f"{source}: class(es) {never} have no image ({where})")
     claim_output_folder(out, "cimlic import")
     bad = unreadable_images(images, labels.ids)
     if bad and strict:
         raise ImageFileError(f"{images / bad[0][0]}: {bad[0][1]} ({len(bad)} unreadable image(s) in all)")
-    if bad:
-        logger.warning(
-            "%d of %d images cannot be read and are left out (listed in %s): %s",
-            len(bad),
-            len(labels),
-            out / "bad_images.txt",
-            "; ".join(f"{i}: {r}" for i, r in bad[:3]),
-        )
     bad_ids = {i for i, _ in bad}
     labels = labels.subset([r for r, i in enumerate(labels.ids) if i not in bad_ids])
-    empty = [n for n, c in zip(labels.classnames, labels.class_counts(), strict=True) if c == 0]
-    if empty:
-        after = " left after leaving out the unreadable images" if bad else ""
-        raise LabelFileError(f"{source}: class(es) {empty} have no image{after}; drop them from the class list")
+    lost = [n for n, c in zip(labels.classnames, labels.class_counts(), strict=True) if c == 0]
+    if lost:
+        raise LabelFileError(
+            f"{source}: class(es) {lost} appear only on images that cannot be read "
+            f"({len(bad)} unreadable, e.g. {images / bad[0][0]}: {bad[0][1]}); fix those images"
+            + (f" or drop the class(es) from {classes}" if classes else "")
+        )
     names = PART_NAMES[len(fractions)]
     try:
         parts = stratified_split(labels.targets, fractions, seed)
     except SplitError as err:
         raise LabelFileError(f"{source}: {err}") from None
+    if bad:
+        logger.warning(
+            "%d of %d images cannot be read and are left out (listed in %s): %s",
+            len(bad),
+            len(labels) + len(bad),
+            out / "bad_images.txt",
+            "; ".join(f"{i}: {r}" for i, r in bad[:3]),
+        )
     stats = {"source": str(source), "format": fmt, "image_root": str(images.resolve())}
     stats |= _stats(labels, parts, names, head, tail)
     stats["bad_images"] = [{"image": i, "error": r} for i, r in bad]
     stats["split"] = {"fractions": dict(zip(names, fractions, strict=True)), "seed": seed}
     _write(out, labels, parts, names, stats, images)
+    for line in split_shortfalls(stats):
+        logger.warning("%s", line)
     return stats
 
 
@@ -387,3 +396,22 @@ def format_split_table(stats: dict) -> str:
     if stats["bad_images"]:
         summary += f"; {len(stats['bad_images'])} unreadable image(s) left out (bad_images.txt)"
     return "\n".join([*lines, summary])
+
+
+def split_shortfalls(stats: dict) -> list[str]:
+    """One line per part that lacks a class with at least as many images as there are parts (the repair's aim).
+
+    A class with fewer images than parts cannot be in every part and is not named here; ``stats.json``'s
+    ``absent_classes`` lists every class a part lacks.
+    """
+    n_parts = len(stats.get("absent_classes", {}))
+    lines = []
+    for part, missing in stats.get("absent_classes", {}).items():
+        named = [c for c in missing if stats["class_counts"][c]["total"] >= n_parts]
+        if named:
+            shown = ", ".join(named[:8]) + (", ..." if len(named) > 8 else "")
+            lines.append(
+                f"{len(named)} class(es) with {n_parts} or more images have none in {part} (no image of theirs could "
+                f"move there without taking another class out of its part; stats.json: absent_classes): {shown}"
+            )
+    return lines

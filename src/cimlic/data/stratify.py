@@ -18,13 +18,17 @@ What iterstrat guarantees, and what it does not:
 The repair pass (our design) then moves single images between parts, deterministically:
 
 - no part is left empty;
-- a class with at least as many images as there are parts is in every part; a class with fewer images (k < P)
-  cannot be, and is put in k parts, chosen in the order train, test, then the parts between (a class needs
-  training images first, test images second);
+- it tries to put a class with at least as many images as there are parts in every part, and a class with fewer
+  images (k < P) in k parts, chosen in the order train, test, then the parts between (a class needs training
+  images first, test images second);
 - an image is moved from the part holding the most images of the class, and only if its removal leaves no class
   absent from that part that was present there (among such images, the one with the fewest positive labels).
 
-Each move changes two part sizes by one, so sizes stay within a few images of the fractions.
+The last rule means the aim is not always reached: when every image of a class that could move also carries
+another class whose only image in that part it is, nothing moves and the class stays absent from a part (labels
+that always co-occur, or dense labels on few images). ``cimlic import`` warns about such classes and lists them
+in ``stats.json`` (``absent_classes``). Each move changes two part sizes by one, so sizes stay near the
+fractions (within a few images on the matrices measured above; a heavily repaired split can drift further).
 """
 
 from __future__ import annotations
