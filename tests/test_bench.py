@@ -42,7 +42,7 @@ def test_bench_cache_times_the_trainer_step(tmp_path, glyph_data, capsys, monkey
     config = _config(tmp_path, glyph_data, "trmml")  # an aux loss and model-provided targets
     result = bench_cache(load_config(config), max_images=12)
     assert result["images"] == 12 and result["steps"] == math.ceil(12 / 8)
-    assert len(calls) == 2 * result["steps"]  # the uncached and the cached epoch, both through Trainer.train_step
+    assert len(calls) == 2 * (1 + result["steps"])  # a warm-up step and the epoch, uncached then cached
     assert "image" in calls[0] and "feat_local" in calls[-1] and "image" not in calls[-1]
     assert result["uncached_s"] > 0 and result["cached_s"] > 0 and result["ratio"] > 0
     assert main(["bench", "cache", "--config", str(config), "--max-images", "8"]) == 0
@@ -54,8 +54,34 @@ def test_bench_train_and_errors(tmp_path, glyph_data, capsys):
     config = _config(tmp_path, glyph_data, "hpdval_stage1", model__hpdval={"topk": 4})
     result = bench_train(load_config(config), max_images=8)
     assert result["steps"] == 1 and result["trainable_params"] > 0 and result["s_per_step"] > 0
-    assert main(["bench", "cache", "--config", str(config)]) == 2  # a trainable image tower: nothing to cache
-    assert "no frozen image tower" in capsys.readouterr().err
+    no_kd = _config(tmp_path, glyph_data, "hpdval_stage1", model__hpdval={"topk": 4, "kd_weight": 0.0})
+    assert main(["bench", "cache", "--config", str(no_kd)]) == 2  # a trainable image tower and no teacher
+    assert "no frozen image tower or teacher" in capsys.readouterr().err
     zeroshot = _config(tmp_path, glyph_data, "zeroshot")
     assert main(["bench", "train", "--config", str(zeroshot), "--max-images", "16"]) == 2
     assert "nothing to train" in capsys.readouterr().err
+
+
+def test_bench_cache_of_the_stage1_teacher(tmp_path, glyph_data, monkeypatch):
+    """HP-DVAL stage 1: the uncached epoch runs the teacher at each step, the cached one reads feat_teacher."""
+    from cimlic.engine import Trainer
+
+    calls = []
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: calls.append(sorted(batch)) or step(self, batch))
+    config = _config(tmp_path, glyph_data, "hpdval_stage1", model__hpdval={"topk": 4})
+    result = bench_cache(load_config(config), max_images=16)
+    assert result["cached"] == "teacher" and result["steps"] == 2 and len(calls) == 6
+    assert "feat_teacher" not in calls[0] and "image" in calls[-1] and "feat_teacher" in calls[-1]
+    assert result["ratio"] > 0
+
+
+def test_bench_text_plain_vs_shared_prefix(capsys):
+    argv = ["bench", "text", "--arch", "cimlic-tiny-vit", "--num-classes", "6", "--n-ctx", "4", "--learners", "2",
+            "--repeats", "2"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["fits"] and result["classes"] == 6 and result["learners"] == 2
+    assert result["plain_s"] > 0 and result["shared_prefix_s"] > 0 and result["ratio"] > 0
+    assert result["max_rel_diff_features"] < 1e-5 and result["max_rel_diff_grad"] < 1e-5
+    assert main([*argv[:-1], "0"]) == 2 and "--repeats" in capsys.readouterr().err

@@ -307,3 +307,45 @@ def test_stage2_logits_use_global_prompts_globally_and_local_prompts_locally():
         f = model.image_features(x)
         expected = clip.logit_scale * dual_view_scores(f["global"], f["local"], p_global, p_local, 0.3, 5, "paper")
         torch.testing.assert_close(model({"image": x})["logits"], expected)
+
+
+def test_stage1_teacher_from_the_cache_trains_exactly_as_recomputed(tmp_path, glyph_data, monkeypatch, caplog):
+    """Deterministic training view: L_kd's teacher features come from the cache; losses and weights are the same."""
+    seen = []
+    kd_loss = HPDVAL.kd_loss
+
+    def spy(self, f_cls, images, cached=None):
+        seen.append(cached is not None)
+        return kd_loss(self, f_cls, images, cached)
+
+    monkeypatch.setattr(HPDVAL, "kd_loss", spy)
+    cfg = {"name": "kd", "data": glyph_data,
+           "model": {"name": "hpdval_stage1", "clip_arch": "cimlic-tiny-vit", "random_init": True,
+                     "hpdval": {"topk": 4, "kd_weight": 10.0}},
+           "train": {"epochs": 2, "batch_size": 8, "num_workers": 0, "lr": 1e-3, "log_every": 1,
+                     "cache_dir": str(tmp_path / "cache")},
+           "loss": {"name": "asl"}}  # fmt: skip
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    runs = {}
+    for name, sets in (("cached", []), ("recomputed", ["--set", "train.cache_features=false"])):
+        seen.clear()
+        with caplog.at_level("INFO", logger="cimlic"):
+            assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / name), *sets]) == 0
+        runs[name] = set(seen)
+    assert runs == {"cached": {True}, "recomputed": {False}}
+    assert "teacher features of the" in caplog.text and "the teacher runs at every training step" in caplog.text
+    assert [json.loads(p.read_text())["view"] for p in (tmp_path / "cache").glob("*.json")] == ["teacher"]
+
+    def losses(run):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["loss"], r["loss_kd"]) for r in records if "loss" in r]
+
+    assert len(losses("cached")) >= 6 and losses("cached") == losses("recomputed")  # equal, float for float
+    a, b = (load_file(str(tmp_path / run / "best.safetensors")) for run in ("cached", "recomputed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="cimlic"):
+        assert main(["train", "--config", str(config), "--run-dir", str(tmp_path / "aug"), "--set", "train.epochs=1",
+                     "--set", "train.augment=true"]) == 0  # fmt: skip
+    assert "train.augment is on: the teacher sees each augmented image" in caplog.text

@@ -174,6 +174,8 @@ class ModelCommon:
     n_ctx: int = 16  # CoOp, DualCoOp (positive prompts), LMPT: number of learnable context vectors
     ctx_init: str = ""  # CoOp family: initialise the context from these words ("a photo of a"); empty = N(0, 0.02)
     csc: bool = False  # CoOp, DualCoOp: class-specific contexts (True) or one shared context (False)
+    # prompts of a class-shared context: its positions through the text tower once, not once per class [our design]
+    text_pass: Literal["shared_prefix", "plain"] = "shared_prefix"
 
     RANGES = {"n_ctx": ">=1"}
 

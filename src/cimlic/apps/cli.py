@@ -26,7 +26,8 @@ USER_ERRORS = (CimlicError, OSError)
 # the allowed values of numeric flags, checked once before a command runs (the flag named)
 FLAG_RANGES = {"n_max": ">=0", "n_min": ">=1", "shape": ">0", "shots": ">=1", "episodes": ">=1", "known": "(0, 1]",
                "threshold": "[0, 1]", "max_images": ">=0", "steps": ">=0", "top_k": ">=0", "batch_size": ">=1",
-               "target_precision": "(0, 1]", "head": ">=1", "tail": ">=1"}  # fmt: skip
+               "target_precision": "(0, 1]", "head": ">=1", "tail": ">=1", "num_classes": ">=1", "n_ctx": ">=1",
+               "learners": ">=1", "repeats": ">=1"}  # fmt: skip
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -259,6 +260,23 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_text(args: argparse.Namespace) -> int:
+    from cimlic.apps.bench import bench_text
+    from cimlic.data.labels import read_classes
+
+    classnames = read_classes(args.classes) if args.classes else [f"class {i}" for i in range(args.num_classes)]
+    result = bench_text(args.arch, classnames, args.n_ctx, args.learners, args.repeats)
+    print(json.dumps(result))
+    if result["fits"]:
+        print(f"{result['arch']} text tower, C={result['classes']}, M={result['n_ctx']}, {result['learners']} "
+              f"learner(s): plain {result['plain_s']} s, shared prefix {result['shared_prefix_s']} s -> ratio "
+              f"{result['ratio']}x (features {result['max_rel_diff_features']:.1e}, gradients "
+              f"{result['max_rel_diff_grad']:.1e} relative)")  # fmt: skip
+    else:
+        print(f"{result['arch']}: the text tower does not fit the shared-prefix pass; plain {result['plain_s']} s")
+    return 0
+
+
 def cmd_fewshot(args: argparse.Namespace) -> int:
     from cimlic.apps.fewshot import format_fewshot, run_fewshot
 
@@ -451,6 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
     bt.set_defaults(func=cmd_bench_train)
+    bx = be.add_parser("text", help="prompt text pass, plain vs shared prefix (forward + backward)")
+    bx.add_argument("--arch", default="ViT-B-16", help="open_clip architecture (random weights)")
+    bx.add_argument("--classes", help="class-list file (default: --num-classes synthetic names)")
+    bx.add_argument("--num-classes", type=int, default=20)
+    bx.add_argument("--n-ctx", type=int, default=16, help="context vectors M")
+    bx.add_argument("--learners", type=int, default=1, help="prompt learners in one pass (HP-DVAL, DualCoOp: 2)")
+    bx.add_argument("--repeats", type=int, default=5)
+    bx.set_defaults(func=cmd_bench_text)
 
     fs = sub.add_parser("fewshot", help="the few-shot protocol: K shots x episodes, mean ± std of novel mAP")
     fs.add_argument("--config", required=True, action="append", help="experiment YAML with a fewshot section "

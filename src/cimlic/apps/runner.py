@@ -117,8 +117,30 @@ def build_datasets(
                                         batch_size=max(cfg.train.batch_size, 64),
                                         required=model.feature_keys)  # fmt: skip
             ds = CachedFeatureDataset(feats, ds.targets)
+        if split == "train":
+            ds = with_cached_teacher(cfg, model, ds, device)
         out[split] = ds
     return out
+
+
+def with_cached_teacher(cfg: Config, model: Method, train_set: Dataset, device: str) -> Dataset:
+    """The training set with the teacher's cached features (``feat_teacher``) beside each image, when the method
+    has a teacher (``model.teacher_tower``), the cache is on and the training view is deterministic."""
+    teacher = model.teacher_tower
+    if teacher is None or not isinstance(train_set, MultiLabelDataset):  # a teacher sees images, not cached features
+        return train_set
+    if cfg.train.augment:
+        logger.info("train.augment is on: the teacher sees each augmented image, so it runs at every training step")
+        return train_set
+    if not cfg.train.cache_features:
+        logger.info("train.cache_features is off: the teacher runs at every training step")
+        return train_set
+    with rank_zero_first():  # under DDP rank 0 fills the cache, the others then read it
+        feats = load_or_compute(model.teacher_features, teacher, train_set, cfg.train.cache_dir, view="teacher",
+                                device=device, batch_size=max(cfg.train.batch_size, 64),
+                                required=("teacher",))  # fmt: skip
+    logger.info("teacher features of the %d training images from the cache: no teacher pass per step", len(train_set))
+    return ExtraInputsDataset(train_set, {"feat_teacher": feats["teacher"]})
 
 
 def training_extras(cfg: Config, splits: Splits, model: Method) -> dict[str, torch.Tensor]:

@@ -74,6 +74,7 @@ def build_model(cfg: ModelConfig, classnames: Sequence[str]) -> Method:
         cfg.random_init,
         allow_torchscript=cfg.clip_allow_torchscript,
     )
+    clip.text_pass = cfg.text_pass
     model = spec.build(cfg, classnames, clip)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(

@@ -11,6 +11,11 @@ A method is a :class:`Method` (an ``nn.Module``); nothing outside this contract 
   returns (``None``: the image side trains, nothing can be cached); :attr:`Method.feature_keys` names them
   (``"global"`` (B, D), ``"local"`` (B, N, D)). The cache is keyed by that tower's weights, and a batch then holds
   ``"feat_<key>"`` instead of ``"image"``.
+- **Cached teacher**: :attr:`Method.teacher_tower` is a frozen module a method runs on each *training* image beside
+  its trainable image side (HP-DVAL's L_kd teacher); ``teacher_features(images)`` returns ``{"teacher": (B, D)}``.
+  When the training view is deterministic (``train.augment`` off) those features are a function of the image
+  alone: they come from the feature cache (keyed like any frozen tower's, view ``"teacher"``) and a training
+  batch then holds ``"feat_teacher"`` beside ``"image"`` **[our design]**.
 - **Input transform**: :meth:`Method.input_spec` is the (size, mean, std) of the images it expects.
 - **Hooks**: :meth:`Method.set_epoch` before each training epoch, :meth:`Method.epoch_stats` after it (logged),
   :meth:`Method.training_inputs` for per-image training inputs beyond images and labels (LMPT's captions).
@@ -97,6 +102,16 @@ class Method(nn.Module):
     def image_features(self, images: Tensor) -> dict[str, Tensor]:
         """What the feature cache stores for a batch of images: ``{key: tensor}`` for each of ``feature_keys``."""
         raise NotImplementedError(f"{type(self).__name__} has no cacheable image features")
+
+    @property
+    def teacher_tower(self) -> nn.Module | None:
+        """The frozen module ``teacher_features`` depends on (its weights key the cache); None: no teacher."""
+        return None
+
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> dict[str, Tensor]:
+        """What the feature cache stores for the teacher: ``{"teacher": (B, D)}``."""
+        raise NotImplementedError(f"{type(self).__name__} has no teacher")
 
     def input_spec(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
         """(size, mean, std) of the images the method expects: CLIP's by default."""

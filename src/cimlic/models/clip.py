@@ -226,6 +226,7 @@ class ClipModel(nn.Module):
         self.model = model
         self.arch = arch
         self.source = source
+        self.text_pass = "shared_prefix"  # how encode_prompts runs class-shared contexts (model.text_pass)
         self.requires_grad_(False)
         super().train(False)
         scale = getattr(model, "logit_scale", None)
@@ -331,6 +332,56 @@ class ClipModel(nn.Module):
             return x
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (n, D)
 
+    @property
+    def shared_prefix_fits(self) -> bool:
+        """Whether :meth:`encode_text_shared_prefix` applies: a causal text tower of plain pre-LN attention blocks."""
+        text = self._text
+        if not self.causal_text or getattr(text, "cls_emb", None) is not None or getattr(text, "use_pad_mask", False):
+            return False
+        return all(_plain_block(block) for block in text.transformer.resblocks)
+
+    def encode_text_shared_prefix(self, prefix: Tensor, tails: Tensor, owner: Tensor, eot_index: Tensor) -> Tensor:
+        """Text features (n, D) of the prompts ``prefix[owner[i]] + tails[i]``, pooled at ``eot_index`` (n,).
+
+        ``prefix`` (m, P, W) holds the embeddings every prompt of an owner starts with ([SOS] + a class-shared
+        context), ``tails`` (n, T, W) the rest (class tokens, '.', [EOS]); ``eot_index`` counts from the prompt's
+        start. The text tower is causal, so the prefix positions' hidden states do not depend on what follows: they
+        are computed once per owner, and each tail attends to its owner's prefix keys and values **[our design]**.
+        Equal to ``encode_text_from_embeddings(cat(prefix[owner], tails, 1), eot_index)`` up to float rounding (the
+        attention sums in another order); the prefix's forward and backward run m times instead of n.
+        """
+        if not self.shared_prefix_fits:
+            raise ClipError(f"CLIP {self.arch!r}: the text tower does not fit the shared-prefix pass")
+        text = self._text
+        cast = text.transformer.get_cast_dtype()
+        (m, P, W), (n, T, _) = prefix.shape, tails.shape
+        pos = text.positional_embedding.to(cast)
+        flat = torch.cat(
+            [(prefix.to(cast) + pos[:P]).reshape(m * P, W), (tails.to(cast) + pos[P : P + T]).reshape(n * T, W)]
+        )
+        allowed = torch.ones(T, P + T, dtype=torch.bool, device=flat.device)  # tail i sees the prefix and tails <= i
+        allowed[:, P:] = torch.ones(T, T, dtype=torch.bool, device=flat.device).tril()
+        owner = owner.to(flat.device)
+        for block in text.transformer.resblocks:  # (m*P + n*T, W): every token-wise layer runs on both at once
+            attn = block.attn
+            heads, d = attn.num_heads, W // attn.num_heads
+            qkv = nn.functional.linear(block.ln_1(flat), attn.in_proj_weight, attn.in_proj_bias)  # (., 3W)
+            qp, kp, vp = qkv[: m * P].reshape(m, P, 3, heads, d).permute(2, 0, 3, 1, 4)  # (m, H, P, d) each
+            qt, kt, vt = qkv[m * P :].reshape(n, T, 3, heads, d).permute(2, 0, 3, 1, 4)  # (n, H, T, d) each
+            out_p = nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True)  # (m, H, P, d)
+            out_t = nn.functional.scaled_dot_product_attention(
+                qt, torch.cat([kp[owner], kt], 2), torch.cat([vp[owner], vt], 2), attn_mask=allowed
+            )  # (n, H, T, d)
+            out = torch.cat([out_p.transpose(1, 2).reshape(m * P, W), out_t.transpose(1, 2).reshape(n * T, W)])
+            flat = flat + block.ls_1(attn.out_proj(out))
+            flat = flat + block.ls_2(block.mlp(block.ln_2(flat)))
+        x = text.ln_final(flat[m * P :].reshape(n, T, W))
+        x = x[torch.arange(n, device=x.device), eot_index.to(x.device) - P]  # (n, W)
+        proj = text.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (n, D)
+
     # --------------------------------------------------------------------- image
     def encode_image(self, images: Tensor) -> Tensor:
         """Global image features (B, D), exactly open_clip's ``encode_image``."""
@@ -363,6 +414,22 @@ class ClipModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ dense features
+def _plain_block(block: nn.Module) -> bool:
+    """An open_clip pre-LN block: x + ls_1(attn(ln_1(x))), then x + ls_2(mlp(ln_2(x))), self-attention of one
+    packed in-projection with biases and nothing else (no added key/value biases, no cross-attention norm)."""
+    attn = getattr(block, "attn", None)
+    return (
+        isinstance(attn, nn.MultiheadAttention)
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_bias is not None
+        and attn.bias_k is None
+        and not attn.add_zero_attn
+        and not hasattr(block, "ln_1_kv")
+        and all(isinstance(getattr(block, k, None), nn.Module) for k in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"))
+        and type(block).forward is open_clip.transformer.ResidualAttentionBlock.forward
+    )
+
+
 def dense_image_features(visual: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """Global (B, D) and local (B, N, D) features of an open_clip image tower (METHODS §5.1); works on copies too.
 

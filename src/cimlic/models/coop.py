@@ -9,7 +9,7 @@ from torch import Tensor
 
 from cimlic.models.base import FrozenClipMethod, MethodSpec
 from cimlic.models.clip import ClipModel
-from cimlic.models.prompts import PromptLearner
+from cimlic.models.prompts import PromptLearner, encode_prompts
 from cimlic.models.text import cosine_logits
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ class CoOp(FrozenClipMethod):
 
     def text_features(self) -> Tensor:
         """Prompt text features (C, D) (recomputed each call: they depend on the learned context)."""
-        return self.clip.encode_text_from_embeddings(self.prompt(), self.prompt.eot_index)
+        return encode_prompts(self.clip, self.prompt)[0]
 
     def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         feats = self.batch_features(batch)

@@ -292,7 +292,17 @@ class HPDVAL(Method):
         """The frozen stage-2 student (its features are cached); stage 1 and joint train it: nothing to cache."""
         return None if self.student_trainable else self.student
 
+    @property
+    def teacher_tower(self) -> nn.Module | None:
+        """CLIP (its image tower is the L_kd teacher) while the student trains with L_kd; else None."""
+        return self.clip if self.student_trainable and self.kd_weight > 0 else None
+
     # ------------------------------------------------------------------------------------ features
+    @torch.no_grad()
+    def teacher_features(self, images: Tensor) -> dict[str, Tensor]:
+        """``{"teacher": (B, D)}``: CLIP's image features, the L_kd target (cached when the view is deterministic)."""
+        return {"teacher": self.clip.encode_image(images.to(self.clip.device, self.clip.dtype))}
+
     @torch.no_grad()
     def image_features(self, images: Tensor) -> dict[str, Tensor]:
         """What the feature cache stores: the student's ``{"global": (B, D), "local": (B, N, D)}``."""
@@ -333,7 +343,7 @@ class HPDVAL(Method):
         out: dict[str, Tensor | dict[str, Tensor]] = {"logits": self.scale * scores}
         aux: dict[str, Tensor] = {}
         if self.training and self.kd_weight > 0:
-            aux["kd"] = self.kd_weight * self.kd_loss(feats["global"], images)
+            aux["kd"] = self.kd_weight * self.kd_loss(feats["global"], images, batch.get("feat_teacher"))
         if self.training and self.sc_weight > 0:
             aux["sc"] = self.sc_weight * l1_distance(
                 self.hand_text, text_global if self.sc_on == "global" else text_local
@@ -342,12 +352,19 @@ class HPDVAL(Method):
             out["aux_losses"] = aux
         return out
 
-    def kd_loss(self, f_cls: Tensor, images: Tensor | None) -> Tensor:
-        """L_kd = mean |f_CLIP(x) - f_cls(x)| over images and dimensions; the teacher is CLIP's frozen image tower."""
-        if images is None:
+    def kd_loss(self, f_cls: Tensor, images: Tensor | None, cached: Tensor | None = None) -> Tensor:
+        """L_kd = mean |f_CLIP(x) - f_cls(x)| over images and dimensions; the teacher is CLIP's frozen image tower.
+
+        ``cached``: the teacher's (B, D) features of these images from the feature cache (``feat_teacher``); they
+        are what the tower computes (float32 on the CPU: bit for bit), so the teacher's forward is skipped.
+        """
+        if cached is not None:
+            teacher = cached.to(f_cls.device, self.clip.dtype)  # (B, D)
+        elif images is None:
             raise ValueError("L_kd needs the images (the teacher sees them): cached features cannot be used")
-        with torch.no_grad():
-            teacher = self.clip.encode_image(images)  # (B, D)
+        else:
+            with torch.no_grad():
+                teacher = self.clip.encode_image(images)  # (B, D)
         return l1_distance(teacher, f_cls)
 
 

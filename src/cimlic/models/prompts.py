@@ -88,6 +88,12 @@ class PromptLearner(nn.Module):
         self.register_buffer("eot_index", eot, persistent=False)  # (C,)
         logger.debug("prompt learner: %d classes, %d context vectors, csc=%s, init=%r", len(names), n_ctx, csc, words)
 
+    def shared_prefix(self) -> Tensor:
+        """(1 + M, W): [SOS] and the class-shared context, the start of every class's prompt (not with ``csc``)."""
+        if self.csc:
+            raise ValueError("class-specific contexts have no shared prefix")
+        return torch.cat([self.prefix[0], self.ctx.to(self.prefix.dtype)])
+
     def forward(self) -> Tensor:
         """Prompt embeddings (C, L', W)."""
         ctx = self.ctx if self.csc else self.ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)  # (C, M, W)
@@ -95,9 +101,35 @@ class PromptLearner(nn.Module):
 
 
 def encode_prompts(clip: ClipModel, *learners: PromptLearner) -> list[Tensor]:
-    """Text features (C_i, D) of each learner's prompts, in one pass through the text tower when shapes allow."""
+    """Text features (C_i, D) of each learner's prompts, in one pass through the text tower when shapes allow.
+
+    With ``clip.text_pass == "shared_prefix"`` (``model.text_pass``, the default) and class-shared contexts on a
+    tower that fits, the [SOS] + context positions, the same in every class's prompt, go through the tower once
+    per learner and only each class's tail once per class (:meth:`ClipModel.encode_text_shared_prefix`);
+    otherwise (class-specific contexts, ``plain``, another tower) every prompt runs whole.
+    """
+    if clip.text_pass == "shared_prefix" and not any(lr.csc for lr in learners) and clip.shared_prefix_fits:
+        return _encode_shared_prefix(clip, learners)
     embs = [learner() for learner in learners]
     if len({e.shape[1:] for e in embs}) == 1:
         feats = clip.encode_text_from_embeddings(torch.cat(embs), torch.cat([lr.eot_index for lr in learners]))
         return list(feats.split([e.shape[0] for e in embs]))
     return [clip.encode_text_from_embeddings(e, lr.eot_index) for e, lr in zip(embs, learners, strict=True)]
+
+
+def _encode_shared_prefix(clip: ClipModel, learners: Sequence[PromptLearner]) -> list[Tensor]:
+    """encode_prompts for class-shared contexts: one shared-prefix pass per (prefix, tail) length."""
+    out: list[Tensor | None] = [None] * len(learners)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, lr in enumerate(learners):
+        groups.setdefault((lr.n_ctx, lr.suffix.shape[1]), []).append(i)
+    for members in groups.values():
+        sizes = [learners[i].suffix.shape[0] for i in members]
+        prefix = torch.stack([learners[i].shared_prefix() for i in members])  # (m, 1 + M, W)
+        tails = torch.cat([learners[i].suffix for i in members])  # (sum C_i, T, W)
+        owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor(sizes))  # (sum C_i,)
+        eot = torch.cat([learners[i].eot_index for i in members])
+        feats = clip.encode_text_shared_prefix(prefix, tails, owner, eot).split(sizes)
+        for i, f in zip(members, feats, strict=True):
+            out[i] = f
+    return out  # type: ignore[return-value]
