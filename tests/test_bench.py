@@ -85,3 +85,13 @@ def test_bench_text_plain_vs_shared_prefix(capsys):
     assert result["plain_s"] > 0 and result["shared_prefix_s"] > 0 and result["ratio"] > 0
     assert result["max_rel_diff_features"] < 1e-5 and result["max_rel_diff_grad"] < 1e-5
     assert main([*argv[:-1], "0"]) == 2 and "--repeats" in capsys.readouterr().err
+
+
+def test_bench_memory_reports_the_entry_and_its_peaks(tmp_path, glyph_data, capsys):
+    config = _config(tmp_path, glyph_data, "dualcoop", model__dualcoop={"n_ctx_neg": 4})  # global + local tokens
+    assert main(["bench", "memory", "--config", str(config), "--max-images", "16"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    per_image = sum(math.prod(v["per_image"]) * 4 for v in result["features"].values()) / 2**20
+    assert result["images"] == 16 and set(result["features"]) == {"global", "local"}
+    assert result["mib_per_image"] == pytest.approx(per_image, rel=0.05)  # the rows, and a small header
+    assert result["build_peak_mib"] >= 0 and result["read_peak_anon_mib"] >= 0 and result["build_s"] >= 0

@@ -91,3 +91,48 @@ def test_entry_without_required_features_is_recomputed(dataset, tmp_path):
 def test_cached_dataset_row_mismatch():
     with pytest.raises(ValueError, match="has 3 rows for 2 images"):
         CachedFeatureDataset({"global": torch.zeros(3, 4)}, torch.zeros(2, 5))
+
+
+def test_features_keep_the_towers_dtype(dataset, tmp_path):
+    """A float16 tower's features are stored as float16 (half the bytes) and read back bit for bit."""
+    from safetensors import safe_open
+
+    tower = Tower().half().requires_grad_(False)
+
+    def fn(x):
+        return tower(x.half())
+
+    feats = load_or_compute(fn, tower, dataset, tmp_path / "cache", batch_size=4)
+    assert {v.dtype for v in feats.values()} == {torch.float16}
+    (entry,) = (tmp_path / "cache").glob("*.safetensors")
+    with safe_open(str(entry), "pt") as f:
+        assert f.get_slice("local").get_dtype() == "F16"
+    again = load_or_compute(fn, tower, dataset, tmp_path / "cache", batch_size=4)
+    direct = compute_features(fn, dataset, batch_size=3)
+    assert all(torch.equal(again[k], feats[k]) and torch.equal(direct[k], feats[k]) for k in feats)
+    full = load_or_compute(Tower().requires_grad_(False), Tower(), dataset, tmp_path / "cache", batch_size=4)
+    assert full["local"].dtype == torch.float32  # another tower (dtype is in its weights' digest): its own entry
+
+
+def test_a_cache_hit_is_memory_mapped(tmp_path):
+    """Reading a 30 MiB entry back and touching every row does not copy it into the process's own memory."""
+    from cimlic.apps.bench import PeakMemory
+
+    rng = np.random.default_rng(0)
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    labels = LabelSet([str(i) for i in range(100)], rng.integers(0, 2, (100, 2)), ["a", "b"])
+    dataset = MultiLabelDataset(labels, tmp_path, "{id}.png", default_transform(8))
+    key = nn.Linear(1, 1)
+
+    def fn(x):
+        return {"global": x.flatten(1).repeat(1, 410)}  # (B, 78720): 0.3 MiB per image
+
+    first = load_or_compute(fn, key, dataset, tmp_path / "cache", batch_size=50)
+    size = first["global"].numel() * 4 / 2**20
+    del first
+    with PeakMemory() as peak:
+        feats = load_or_compute(fn, key, dataset, tmp_path / "cache", batch_size=50)
+        total = sum(float(feats["global"][i].sum()) for i in range(len(dataset)))
+    assert size > 25 and total != 0
+    assert peak.anon < 0.25 * size, (peak.anon, size)

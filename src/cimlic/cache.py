@@ -85,12 +85,14 @@ def cache_key(tower_digest: str, dataset: MultiLabelDataset, view: str = "eval")
 def compute_features(
     fn: FeatureFn, dataset: Dataset, batch_size: int = 64, num_workers: int = 0, device: str = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """Run ``fn`` (images (B, 3, H, W) → {"global": (B, D), "local": (B, N, D)}) over a dataset, in order."""
+    """Run ``fn`` (images (B, 3, H, W) → {"global": (B, D), "local": (B, N, D)}) over a dataset, in order.
+
+    The features keep the tower's dtype (float16 for a float16 tower: half the bytes, and what the tower gives)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     chunks: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc="image features", unit="batch", leave=False):
         for name, value in fn(batch["image"].to(device)).items():
-            chunks.setdefault(name, []).append(value.float().cpu())
+            chunks.setdefault(name, []).append(value.detach().cpu())
     return {name: torch.cat(values) for name, values in chunks.items()}
 
 
@@ -116,7 +118,8 @@ def load_or_compute(
         required: feature names the caller needs; an entry without one of them is recomputed.
 
     Returns:
-        {"global": (N, D), "local": (N, T, D) if ``fn`` returns it}, float32 on the CPU.
+        {"global": (N, D), "local": (N, T, D) if ``fn`` returns it} on the CPU, in the tower's dtype. A cache hit
+        is memory-mapped (safetensors): rows are read from the file as batches touch them, not loaded up front.
     """
     cache_dir = Path(cache_dir)
     ensure_dir(cache_dir)

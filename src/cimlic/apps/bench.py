@@ -3,13 +3,15 @@ trainable image side's frozen teacher) recomputed vs read from the cache, or on 
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from cimlic.apps.runner import build_model_for, image_dataset, load_splits, model_transform
 from cimlic.cache import CachedFeatureDataset, load_or_compute
@@ -39,6 +41,16 @@ def _epoch(cfg: Config, model: Method, loss_fn: torch.nn.Module, dataset: Datase
         return time.perf_counter() - tic, steps
 
 
+def _cached_part(cfg: Config, model: Method) -> tuple:
+    """(feature function, the frozen module keying it, view, feature names) of what the cache holds for ``model``:
+    its frozen image tower's features, or (a trainable image side) its teacher's."""
+    if model.feature_tower is not None:
+        return model.image_features, model.feature_tower, "eval", model.feature_keys
+    if model.teacher_tower is not None:
+        return model.teacher_features, model.teacher_tower, "teacher", ("teacher",)
+    raise ConfigError(f"model {cfg.model.name!r} has no frozen image tower or teacher: nothing to cache")
+
+
 def bench_cache(cfg: Config, max_images: int = 0) -> dict:
     """Time one epoch uncached (images through the frozen tower), the cache build, and one cached epoch.
 
@@ -56,24 +68,17 @@ def bench_cache(cfg: Config, max_images: int = 0) -> dict:
     splits = load_splits(cfg)
     train = splits.train.subset(range(min(max_images, len(splits.train)))) if max_images else splits.train
     model = build_model_for(cfg, splits.classnames)
-    teacher = model.teacher_tower if model.feature_tower is None else None
-    if model.feature_tower is None and teacher is None:
-        raise ConfigError(f"model {cfg.model.name!r} has no frozen image tower or teacher: nothing to cache")
+    fn, tower, view, keys = _cached_part(cfg, model)
     images = image_dataset(cfg, train, "train", model_transform(model, train=False))
     loss_fn = build_loss(cfg.loss, torch.as_tensor(train.class_counts()), len(train))
     uncached_s, steps = _epoch(cfg, model, loss_fn, images)
-    fn, tower, view, keys = (
-        (model.teacher_features, teacher, "teacher", ("teacher",))
-        if teacher is not None
-        else (model.image_features, model.feature_tower, "eval", model.feature_keys)
-    )
     with tempfile.TemporaryDirectory() as tmp:
         tic = time.perf_counter()
         feats = load_or_compute(fn, tower, images, Path(tmp), view, required=keys, batch_size=cfg.train.batch_size)
         build_s = time.perf_counter() - tic
     cached = (
         ExtraInputsDataset(images, {"feat_teacher": feats["teacher"]})
-        if teacher is not None
+        if view == "teacher"
         else CachedFeatureDataset(feats, images.targets)
     )
     cached_s, _ = _epoch(cfg, model, loss_fn, cached)
@@ -151,3 +156,90 @@ def bench_text(arch: str, classnames: list[str], n_ctx: int = 16, learners: int 
             "max_rel_diff_grad": max(rel(a, b) for a, b in pairs[learners:]),
         }
     return result
+
+
+class PeakMemory:
+    """Peak resident memory above the start, sampled from /proc/self/status every 10 ms while in the block (MiB).
+
+    ``rss``: all resident pages (a memory-mapped file's pages count once touched, and the system can drop them);
+    ``anon``: anonymous memory only (what the process itself holds: tensors built in RAM).
+    """
+
+    def __init__(self) -> None:
+        self.rss = self.anon = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def now() -> dict[str, float]:
+        values = {}
+        with open("/proc/self/status") as status:
+            for line in status:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "RssAnon"):
+                    values[key] = int(rest.split()[0]) / 1024.0  # kB -> MiB
+        return values
+
+    def _watch(self, start: dict[str, float]) -> None:
+        while not self._stop.wait(0.01):
+            self._sample(start)
+
+    def _sample(self, start: dict[str, float]) -> None:
+        values = self.now()
+        self.rss = max(self.rss, values["VmRSS"] - start["VmRSS"])
+        self.anon = max(self.anon, values["RssAnon"] - start["RssAnon"])
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        self._start = self.now()
+        self._thread = threading.Thread(target=self._watch, args=(self._start,), daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sample(self._start)
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_memory(cfg: Config, max_images: int = 0) -> dict:
+    """Size of a feature-cache entry and the memory it takes to build it and to read one epoch back.
+
+    The entry is built for the training split's first ``max_images`` images (0 = all), as ``train`` builds it, in a
+    temporary folder; then read back as a training run reads it (a cache hit, one pass of a DataLoader over it).
+    Linux only (peak memory from /proc/self/status).
+
+    Returns:
+        {"images", "features" {name: [shape per image], dtype}, "entry_mib", "mib_per_image", "build_peak_mib",
+        "build_peak_anon_mib", "read_peak_mib", "read_peak_anon_mib", "build_s"}.
+    """
+    if not Path("/proc/self/status").is_file():
+        raise ConfigError("cimlic bench memory reads /proc/self/status (Linux)")
+    splits = load_splits(cfg)
+    train = splits.train.subset(range(min(max_images, len(splits.train)))) if max_images else splits.train
+    model = build_model_for(cfg, splits.classnames)
+    fn, tower, view, keys = _cached_part(cfg, model)
+    images = image_dataset(cfg, train, "train", model_transform(model, train=False))
+    batch = max(cfg.train.batch_size, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        tic = time.perf_counter()
+        with PeakMemory() as build:
+            feats = load_or_compute(fn, tower, images, Path(tmp), view, required=keys, batch_size=batch)
+        build_s = time.perf_counter() - tic
+        shapes = {k: {"per_image": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+                  for k, v in feats.items()}  # fmt: skip
+        del feats
+        entry = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))
+        with PeakMemory() as read:
+            feats = load_or_compute(fn, tower, images, Path(tmp), view, required=keys, batch_size=batch)
+            loader = DataLoader(CachedFeatureDataset(feats, images.targets), batch_size=cfg.train.batch_size,
+                                shuffle=True, num_workers=0)  # fmt: skip
+            for item in loader:
+                item["target"].sum()
+        del feats, loader
+    mib = entry / 2**20
+    return {
+        "model": cfg.model.name, "images": len(images), "features": shapes, "entry_mib": round(mib, 1),
+        "mib_per_image": round(mib / max(1, len(images)), 4), "build_s": round(build_s, 1),
+        "build_peak_mib": round(build.rss, 1), "build_peak_anon_mib": round(build.anon, 1),
+        "read_peak_mib": round(read.rss, 1), "read_peak_anon_mib": round(read.anon, 1),
+    }  # fmt: skip

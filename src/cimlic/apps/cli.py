@@ -260,6 +260,20 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from cimlic.apps.bench import bench_memory
+    from cimlic.config import load_config
+
+    result = bench_memory(load_config(args.config, args.set), max_images=args.max_images)
+    print(json.dumps(result))
+    feats = ", ".join(f"{k} {tuple(v['per_image'])} {v['dtype']}" for k, v in result["features"].items())
+    print(f"{result['model']}, {result['images']} images ({feats}): entry {result['entry_mib']} MiB "
+          f"({result['mib_per_image']} MiB/image), built in {result['build_s']} s with a peak of "
+          f"{result['build_peak_mib']} MiB; one epoch read back: peak {result['read_peak_mib']} MiB resident, "
+          f"{result['read_peak_anon_mib']} MiB of it anonymous")  # fmt: skip
+    return 0
+
+
 def cmd_bench_text(args: argparse.Namespace) -> int:
     from cimlic.apps.bench import bench_text
     from cimlic.data.labels import read_classes
@@ -469,6 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bt.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
     bt.set_defaults(func=cmd_bench_train)
+    bm = be.add_parser("memory", help="feature-cache entry size, peak memory to build it and to read it back")
+    bm.add_argument("--config", required=True, action="append")
+    bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    bm.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
+    bm.set_defaults(func=cmd_bench_memory)
     bx = be.add_parser("text", help="prompt text pass, plain vs shared prefix (forward + backward)")
     bx.add_argument("--arch", default="ViT-B-16", help="open_clip architecture (random weights)")
     bx.add_argument("--classes", help="class-list file (default: --num-classes synthetic names)")
