@@ -6,11 +6,12 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 
 from cimlic.apps.bench import bench_cache, bench_train
 from cimlic.apps.cli import main
-from cimlic.config import load_config
+from cimlic.config import ConfigError, load_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,3 +96,57 @@ def test_bench_memory_reports_the_entry_and_its_peaks(tmp_path, glyph_data, caps
     assert result["images"] == 16 and set(result["features"]) == {"global", "local"}
     assert result["mib_per_image"] == pytest.approx(per_image, rel=0.05)  # the rows, and a small header
     assert result["build_peak_mib"] >= 0 and result["read_peak_anon_mib"] >= 0 and result["build_s"] >= 0
+
+
+def test_bench_suite_variants_table_and_errors(tmp_path):
+    from torch import nn
+
+    from cimlic.apps.bench_suite import _variants, bench_suite, markdown
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    resnet = nn.Sequential(*[nn.Conv2d(3, 3, 3) for _ in range(12)])
+    vit = nn.Sequential(nn.Conv2d(3, 8, 16), nn.Linear(8, 8))
+    assert _variants(None, vit, True, cpu) == ["fp32", "compile"]
+    assert _variants(None, resnet, True, cpu) == ["fp32", "channels_last"]  # compiling a ResNet step: GPU only
+    assert _variants(None, resnet, True, cuda) == ["fp32", "bf16", "channels_last", "compile"]
+    assert _variants(None, resnet, False, cuda) == ["fp32", "bf16", "compile"]  # cached features: no image tower
+    row = {"case": "coop", "variant": "fp32", "device": "cpu", "step_input": "cached features", "batch_size": 4,
+           "s_per_step": 0.2, "peak_mib": 900.0, "data_images_per_s": 80.0, "num_workers": 2}  # fmt: skip
+    table = markdown([row]).splitlines()
+    assert len(table) == 3 and table[2] == "| coop | fp32 | cpu | cached features | 4 | 0.2 | 900.0 | 80.0 (2) |"
+    with pytest.raises(ConfigError, match="unknown bench case"):
+        bench_suite(tmp_path / "x", "cpu", ["nope"])
+
+
+def test_bench_suite_times_the_trainer_step(tmp_path, glyph_data, monkeypatch):
+    from cimlic.apps.bench_suite import _time_steps
+    from cimlic.apps.runner import build_datasets, build_model_for, load_splits
+    from cimlic.engine import Trainer
+    from cimlic.losses import build_loss
+
+    calls = []
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: calls.append(sorted(batch)) or step(self, batch))
+    cfg = load_config(_config(tmp_path, glyph_data, "trmml", train__cache_dir=str(tmp_path / "cache"), train__ema=0.9))
+    splits = load_splits(cfg)
+    model = build_model_for(cfg, splits.classnames)
+    train = build_datasets(cfg, splits, model, "cpu", which=("train",))["train"]
+    loss_fn = build_loss(cfg.loss, torch.as_tensor(splits.train.class_counts()), len(splits.train))
+    result = _time_steps(cfg, model, loss_fn, train, "fp32", steps=2)
+    assert len(calls) == 3 and "feat_local" in calls[-1]  # one warm-up step, two timed: the Trainer's own step
+    assert result["s_per_step"] > 0 and result["peak_mib"] > 0
+    calls.clear()
+    compiled = _time_steps(cfg, model, loss_fn, train, "compile", steps=1)  # in place: EMA finds its names
+    assert len(calls) == 4 and compiled["s_per_step"] > 0
+
+
+@pytest.mark.slow
+def test_bench_suite_runs_a_shipped_config(tmp_path, capsys):
+    assert main(["bench", "suite", "--out", str(tmp_path / "b"), "--device", "cpu", "--case", "coop"]) == 0
+    result = json.loads((tmp_path / "b" / "suite.json").read_text())
+    assert [r["variant"] for r in result["rows"]] == ["fp32", "compile"]
+    row = result["rows"][0]
+    assert row["case"] == "coop" and row["arch"] == "ViT-B-16" and row["step_input"] == "cached features"
+    assert row["batch_size"] == 4 and row["steps"] == 2 and row["num_workers"] == 2
+    assert row["s_per_step"] > 0 and row["peak_mib"] > 100 and row["data_images_per_s"] > 0
+    assert (tmp_path / "b" / "suite.md").read_text() in capsys.readouterr().out

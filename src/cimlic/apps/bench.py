@@ -162,11 +162,12 @@ class PeakMemory:
     """Peak resident memory above the start, sampled from /proc/self/status every 10 ms while in the block (MiB).
 
     ``rss``: all resident pages (a memory-mapped file's pages count once touched, and the system can drop them);
-    ``anon``: anonymous memory only (what the process itself holds: tensors built in RAM).
+    ``anon``: anonymous memory only (what the process itself holds: tensors built in RAM); ``total``: the
+    process's whole resident memory at its peak (not a difference).
     """
 
     def __init__(self) -> None:
-        self.rss = self.anon = 0.0
+        self.rss = self.anon = self.total = 0.0
         self._stop = threading.Event()
 
     @staticmethod
@@ -186,6 +187,7 @@ class PeakMemory:
     def _sample(self, start: dict[str, float]) -> None:
         values = self.now()
         self.rss = max(self.rss, values["VmRSS"] - start["VmRSS"])
+        self.total = max(self.total, values["VmRSS"])
         self.anon = max(self.anon, values["RssAnon"] - start["RssAnon"])
 
     def __enter__(self) -> PeakMemory:

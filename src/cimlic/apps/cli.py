@@ -27,7 +27,7 @@ USER_ERRORS = (CimlicError, OSError)
 FLAG_RANGES = {"n_max": ">=0", "n_min": ">=1", "shape": ">0", "shots": ">=1", "episodes": ">=1", "known": "(0, 1]",
                "threshold": "[0, 1]", "max_images": ">=0", "steps": ">=0", "top_k": ">=0", "batch_size": ">=1",
                "target_precision": "(0, 1]", "head": ">=1", "tail": ">=1", "num_classes": ">=1", "n_ctx": ">=1",
-               "learners": ">=1", "repeats": ">=1"}  # fmt: skip
+               "learners": ">=1", "repeats": ">=1", "generated": ">=0"}  # fmt: skip
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -261,16 +261,30 @@ def cmd_bench_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> int:
+    import tempfile
+
     from cimlic.apps.bench import bench_memory
+    from cimlic.apps.bench_suite import RANDOM_WEIGHTS, generated_voc
     from cimlic.config import load_config
 
-    result = bench_memory(load_config(args.config, args.set), max_images=args.max_images)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = [*RANDOM_WEIGHTS, *generated_voc(Path(tmp), args.generated)] if args.generated else []
+        result = bench_memory(load_config(args.config, [*sets, *args.set]), max_images=args.max_images)
     print(json.dumps(result))
     feats = ", ".join(f"{k} {tuple(v['per_image'])} {v['dtype']}" for k, v in result["features"].items())
     print(f"{result['model']}, {result['images']} images ({feats}): entry {result['entry_mib']} MiB "
           f"({result['mib_per_image']} MiB/image), built in {result['build_s']} s with a peak of "
           f"{result['build_peak_mib']} MiB; one epoch read back: peak {result['read_peak_mib']} MiB resident, "
           f"{result['read_peak_anon_mib']} MiB of it anonymous")  # fmt: skip
+    return 0
+
+
+def cmd_bench_suite(args: argparse.Namespace) -> int:
+    from cimlic.apps.bench_suite import bench_suite
+
+    result = bench_suite(args.out, args.device, args.case)
+    print((Path(args.out) / "suite.md").read_text(), end="")
+    print(f"wrote {Path(args.out) / 'suite.json'} and suite.md ({result['device']}, {result['seconds']} s)")
     return 0
 
 
@@ -487,7 +501,19 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--config", required=True, action="append")
     bm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     bm.add_argument("--max-images", type=int, default=0, help="use the first N training images (0 = all)")
+    bm.add_argument(
+        "--generated",
+        type=int,
+        default=0,
+        metavar="N",
+        help="train on N generated VOC-size JPEGs with random weights (any shipped config; 0 = its data)",
+    )
     bm.set_defaults(func=cmd_bench_memory)
+    bs = be.add_parser("suite", help="training steps of the shipped configs per variant, and the data path")
+    bs.add_argument("--out", default="runs/bench", help="folder of suite.json and suite.md")
+    bs.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    bs.add_argument("--case", action="append", help="only these cases (repeatable; default: all)")
+    bs.set_defaults(func=cmd_bench_suite)
     bx = be.add_parser("text", help="prompt text pass, plain vs shared prefix (forward + backward)")
     bx.add_argument("--arch", default="ViT-B-16", help="open_clip architecture (random weights)")
     bx.add_argument("--classes", help="class-list file (default: --num-classes synthetic names)")
