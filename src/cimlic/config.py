@@ -26,7 +26,7 @@ import yaml
 
 from cimlic.errors import ConfigError
 from cimlic.io import read_yaml
-from cimlic.ranges import check_range
+from cimlic.ranges import check_range, one_slot
 
 logger = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ def _validate_across(cfg: Config) -> None:
         d.image_pattern.format(id="x")
     except (KeyError, IndexError, ValueError, AttributeError):
         raise ConfigError(f"data.image_pattern: {d.image_pattern!r} may only use the placeholder {{id}}") from None
-    bad = [t for t in cfg.model.templates if not _one_slot(t)]
+    bad = [t for t in cfg.model.templates if not one_slot(t)]
     if bad:
         raise ConfigError(f"model.templates: {bad} need exactly one '{{}}' slot for the class name")
     if d.tail_threshold > d.head_threshold:
@@ -411,14 +411,6 @@ def _validate_across(cfg: Config) -> None:
                           f"may add {[s for s in LOG_SINKS if s != 'jsonl']}")  # fmt: skip
     if cfg.train.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", cfg.train.device):
         raise ConfigError(f"train.device: {cfg.train.device!r} is not a device (auto, cpu, cuda, cuda:N, mps)")
-
-
-def _one_slot(template: str) -> bool:
-    try:
-        template.format("x")
-    except (IndexError, KeyError, ValueError):
-        return False
-    return template.count("{}") == 1
 
 
 def _moved(parts: list[str], where: str) -> list[str]:

@@ -36,3 +36,12 @@ def check_range(value: Any, spec: str, where: str) -> None:
             continue
         if not math.isfinite(v) or not in_range(v, spec):
             raise ConfigError(f"{where}: {v!r} is not allowed (must be {spec.strip()})")
+
+
+def one_slot(template: str) -> bool:
+    """Whether a prompt template has exactly one '{}' slot for the class name (and formats)."""
+    try:
+        template.format("x")
+    except (IndexError, KeyError, ValueError):
+        return False
+    return template.count("{}") == 1

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from cimlic.errors import ConfigError
 from cimlic.models.clip import ClipModel
+from cimlic.ranges import one_slot
 
 
 def prompt_classname(name: str) -> str:
@@ -20,17 +21,9 @@ def prompt_classname(name: str) -> str:
 def _check_templates(templates: Sequence[str]) -> None:
     if not templates:
         raise ConfigError("at least one prompt template is needed, e.g. 'a photo of a {}.'")
-    bad = [t for t in templates if "{}" not in t or not _formats(t)]
+    bad = [t for t in templates if not one_slot(t)]
     if bad:
         raise ConfigError(f"prompt templates need exactly one '{{}}' slot for the class name: {bad}")
-
-
-def _formats(template: str) -> bool:
-    try:
-        template.format("x")
-    except (IndexError, KeyError, ValueError):
-        return False
-    return template.count("{}") == 1
 
 
 @torch.no_grad()
